@@ -1,0 +1,350 @@
+"""A model as an inventory of its tensors, derived from config.json alone.
+
+Everything the estimator says about parameters, quantization, LoRA and sharding is a sum over this
+inventory, so it must list exactly the tensors transformers builds (tests compare it with a model
+built on the meta device). No torch here: `ftl estimate` must answer without importing it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Head = Literal["causal_lm", "seq_cls"]
+
+ENCODER_TYPES = {"bert", "distilbert"}
+LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo2"}
+
+
+class ArchError(ValueError):
+    """The config describes an architecture ftl cannot take apart."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One nn.Linear (or GPT-2 Conv1D): the unit that LoRA adapts and bitsandbytes quantizes."""
+
+    name: str  # module name inside its block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+    @property
+    def short(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def weight_params(self) -> int:
+        return self.in_features * self.out_features
+
+    @property
+    def params(self) -> int:
+        return self.weight_params + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of modules repeated `count` times (a decoder layer) or present once (embeddings)."""
+
+    name: str  # "embeddings", "layer", "final", "head"
+    count: int
+    linears: tuple[Linear, ...] = ()
+    # Parameters outside Linear modules: embeddings, norms, routers, fused MoE experts.
+    other: dict[str, int] = field(default_factory=dict)
+    # Fused MoE expert weights (transformers 5 stores them as 3-D parameters, not Linear modules).
+    expert_params: int = 0
+
+    @property
+    def params(self) -> int:
+        return sum(l.params for l in self.linears) + sum(self.other.values()) + self.expert_params
+
+
+@dataclass(frozen=True)
+class Arch:
+    model_type: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    gated_mlp: bool
+    encoder: bool
+    tie_embeddings: bool
+    head: Head
+    num_labels: int
+    num_experts: int
+    experts_per_token: int
+    dtype: str  # the dtype the checkpoint is published in
+    blocks: tuple[Block, ...]
+
+    def block(self, name: str) -> Block:
+        return next(b for b in self.blocks if b.name == name)
+
+    @property
+    def layer(self) -> Block:
+        return self.block("layer")
+
+    @property
+    def params_total(self) -> int:
+        return sum(b.count * b.params for b in self.blocks)
+
+    @property
+    def params_active(self) -> int:
+        """Parameters one token passes through: MoE counts only the routed experts."""
+        if not self.num_experts:
+            return self.params_total
+        idle = self.layer.expert_params * (self.num_experts - self.experts_per_token) // self.num_experts
+        return self.params_total - self.layers * idle
+
+    @property
+    def params_per_layer(self) -> int:
+        return self.layer.params
+
+    @property
+    def head_linear(self) -> Linear | None:
+        """The output projection (lm_head or classifier), None when tied to the embeddings."""
+        head = self.block("head")
+        return head.linears[-1] if head.linears else None
+
+    def linears(self) -> list[tuple[Block, Linear]]:
+        return [(b, l) for b in self.blocks for l in b.linears]
+
+
+def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return default
+
+
+def _head_block(cfg: dict[str, Any], hidden: int, vocab: int, head: Head, num_labels: int, tie: bool) -> Block:
+    if head == "seq_cls":
+        return Block("head", 1, (Linear("score", hidden, num_labels),))
+    if tie:
+        return Block("head", 1)
+    return Block("head", 1, (Linear("lm_head", hidden, vocab),))
+
+
+def _llama_like(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
+    mt = cfg["model_type"]
+    h = cfg["hidden_size"]
+    n_heads = cfg["num_attention_heads"]
+    kv = _get(cfg, "num_key_value_heads", default=n_heads)
+    hd = _get(cfg, "head_dim", default=h // n_heads)
+    inter = cfg["intermediate_size"]
+    vocab = cfg["vocab_size"]
+    layers = cfg["num_hidden_layers"]
+    tie = bool(cfg.get("tie_word_embeddings", mt in {"gemma", "gemma2"}))
+    attn_bias = bool(cfg.get("attention_bias", mt == "qwen2"))
+    mlp_bias = bool(cfg.get("mlp_bias", False))
+    experts = int(_get(cfg, "num_local_experts", "num_experts", default=0) or 0)
+    per_tok = int(_get(cfg, "num_experts_per_tok", default=0) or 0)
+
+    if mt == "phi3":
+        attn = (
+            Linear("self_attn.qkv_proj", h, (n_heads + 2 * kv) * hd),
+            Linear("self_attn.o_proj", n_heads * hd, h),
+        )
+    elif mt == "qwen2":  # q, k, v carry a bias, o does not
+        attn = (
+            Linear("self_attn.q_proj", h, n_heads * hd, True),
+            Linear("self_attn.k_proj", h, kv * hd, True),
+            Linear("self_attn.v_proj", h, kv * hd, True),
+            Linear("self_attn.o_proj", n_heads * hd, h),
+        )
+    else:
+        attn = (
+            Linear("self_attn.q_proj", h, n_heads * hd, attn_bias),
+            Linear("self_attn.k_proj", h, kv * hd, attn_bias),
+            Linear("self_attn.v_proj", h, kv * hd, attn_bias),
+            Linear("self_attn.o_proj", n_heads * hd, h, attn_bias),
+        )
+    expert_params = 0
+    other: dict[str, int] = {}
+    if experts:
+        mlp: tuple[Linear, ...] = ()
+        other["mlp.gate"] = experts * h  # router
+        expert_params = experts * (2 * inter * h + h * inter)
+    elif mt == "phi3":
+        mlp = (Linear("mlp.gate_up_proj", h, 2 * inter), Linear("mlp.down_proj", inter, h))
+    else:
+        mlp = (
+            Linear("mlp.gate_proj", h, inter, mlp_bias),
+            Linear("mlp.up_proj", h, inter, mlp_bias),
+            Linear("mlp.down_proj", inter, h, mlp_bias),
+        )
+    norms = 4 if mt == "gemma2" else 2
+    other["norms"] = norms * h
+    if mt in {"qwen3", "olmo2"}:  # per-head q/k norms
+        other["qk_norms"] = 2 * hd if mt == "qwen3" else (n_heads + kv) * hd
+
+    return Arch(
+        model_type=mt,
+        hidden=h,
+        layers=layers,
+        heads=n_heads,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=inter,
+        vocab=vocab,
+        max_positions=int(_get(cfg, "max_position_embeddings", default=4096)),
+        gated_mlp=True,
+        encoder=False,
+        tie_embeddings=tie and head == "causal_lm",
+        head=head,
+        num_labels=num_labels,
+        num_experts=experts,
+        experts_per_token=per_tok,
+        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
+        blocks=(
+            Block("embeddings", 1, other={"embed_tokens": vocab * h}),
+            Block("layer", layers, attn + mlp, other, expert_params),
+            Block("final", 1, other={"norm": h}),
+            _head_block(cfg, h, vocab, head, num_labels, tie),
+        ),
+    )
+
+
+def _gpt2(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
+    h = cfg.get("n_embd", 768)
+    layers = cfg.get("n_layer", 12)
+    n_heads = cfg.get("n_head", 12)
+    inter = cfg.get("n_inner") or 4 * h
+    vocab = cfg.get("vocab_size", 50257)
+    pos = cfg.get("n_positions", 1024)
+    layer = (
+        Linear("attn.c_attn", h, 3 * h, True),
+        Linear("attn.c_proj", h, h, True),
+        Linear("mlp.c_fc", h, inter, True),
+        Linear("mlp.c_proj", inter, h, True),
+    )
+    tie = bool(cfg.get("tie_word_embeddings", True))
+    return Arch(
+        model_type="gpt2",
+        hidden=h,
+        layers=layers,
+        heads=n_heads,
+        kv_heads=n_heads,
+        head_dim=h // n_heads,
+        intermediate=inter,
+        vocab=vocab,
+        max_positions=pos,
+        gated_mlp=False,
+        encoder=False,
+        tie_embeddings=tie and head == "causal_lm",
+        head=head,
+        num_labels=num_labels,
+        num_experts=0,
+        experts_per_token=0,
+        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
+        blocks=(
+            Block("embeddings", 1, other={"wte": vocab * h, "wpe": pos * h}),
+            Block("layer", layers, layer, {"norms": 4 * h}),
+            Block("final", 1, other={"ln_f": 2 * h}),
+            _head_block(cfg, h, vocab, head, num_labels, tie),
+        ),
+    )
+
+
+def _bert(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
+    h = cfg.get("hidden_size", 768)
+    inter = cfg.get("intermediate_size", 3072)
+    vocab = cfg.get("vocab_size", 30522)
+    pos = cfg.get("max_position_embeddings", 512)
+    types = cfg.get("type_vocab_size", 2)
+    layer = (
+        Linear("attention.self.query", h, h, True),
+        Linear("attention.self.key", h, h, True),
+        Linear("attention.self.value", h, h, True),
+        Linear("attention.output.dense", h, h, True),
+        Linear("intermediate.dense", h, inter, True),
+        Linear("output.dense", inter, h, True),
+    )
+    return Arch(
+        model_type="bert",
+        hidden=h,
+        layers=cfg.get("num_hidden_layers", 12),
+        heads=cfg.get("num_attention_heads", 12),
+        kv_heads=cfg.get("num_attention_heads", 12),
+        head_dim=h // cfg.get("num_attention_heads", 12),
+        intermediate=inter,
+        vocab=vocab,
+        max_positions=pos,
+        gated_mlp=False,
+        encoder=True,
+        tie_embeddings=False,
+        head=head,
+        num_labels=num_labels,
+        num_experts=0,
+        experts_per_token=0,
+        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
+        blocks=(
+            Block("embeddings", 1, other={"word": vocab * h, "position": pos * h, "token_type": types * h, "norm": 2 * h}),
+            Block("layer", cfg.get("num_hidden_layers", 12), layer, {"norms": 4 * h}),
+            Block("final", 1, (Linear("pooler.dense", h, h, True),)),
+            Block("head", 1, (Linear("classifier", h, num_labels, True),)),
+        ),
+    )
+
+
+def _distilbert(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
+    h = cfg.get("dim", 768)
+    inter = cfg.get("hidden_dim", 3072)
+    vocab = cfg.get("vocab_size", 30522)
+    pos = cfg.get("max_position_embeddings", 512)
+    n_heads = cfg.get("n_heads", 12)
+    layer = (
+        Linear("attention.q_lin", h, h, True),
+        Linear("attention.k_lin", h, h, True),
+        Linear("attention.v_lin", h, h, True),
+        Linear("attention.out_lin", h, h, True),
+        Linear("ffn.lin1", h, inter, True),
+        Linear("ffn.lin2", inter, h, True),
+    )
+    return Arch(
+        model_type="distilbert",
+        hidden=h,
+        layers=cfg.get("n_layers", 6),
+        heads=n_heads,
+        kv_heads=n_heads,
+        head_dim=h // n_heads,
+        intermediate=inter,
+        vocab=vocab,
+        max_positions=pos,
+        gated_mlp=False,
+        encoder=True,
+        tie_embeddings=False,
+        head=head,
+        num_labels=num_labels,
+        num_experts=0,
+        experts_per_token=0,
+        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
+        blocks=(
+            Block("embeddings", 1, other={"word": vocab * h, "position": pos * h, "norm": 2 * h}),
+            Block("layer", cfg.get("n_layers", 6), layer, {"norms": 4 * h}),
+            Block("final", 1, (Linear("pre_classifier", h, h, True),)),
+            Block("head", 1, (Linear("classifier", h, num_labels, True),)),
+        ),
+    )
+
+
+SUPPORTED = sorted(LLAMA_LIKE | ENCODER_TYPES | {"gpt2"})
+
+
+def arch_from_config(cfg: dict[str, Any], head: Head = "causal_lm", num_labels: int = 2) -> Arch:
+    """Build the tensor inventory for `cfg` (a config.json dict) with the given output head."""
+    mt = cfg.get("model_type")
+    if mt in ENCODER_TYPES and head != "seq_cls":
+        raise ArchError(f"{mt} is an encoder: ftl trains it only for task 'classification'")
+    if mt in LLAMA_LIKE:
+        return _llama_like(cfg, head, num_labels)
+    if mt == "gpt2":
+        return _gpt2(cfg, head, num_labels)
+    if mt == "bert":
+        return _bert(cfg, head, num_labels)
+    if mt == "distilbert":
+        return _distilbert(cfg, head, num_labels)
+    raise ArchError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")

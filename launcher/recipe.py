@@ -1,0 +1,391 @@
+"""Recipes and cluster profiles: schemas, loading, `--set` overrides and errors that name the fix.
+
+Precedence, lowest first: built-in defaults < cluster profile < recipe < command line. The recipe's
+`cluster` key is either a profile path or a mapping `{profile: PATH, <profile keys>...}` whose keys
+override the profile; `--set cluster.gpus_per_node=8` writes into that mapping.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.errors import RecipeError, did_you_mean
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILTIN_LOCAL_PROFILE = "local"
+
+Method = Literal["full", "freeze", "lora", "qlora"]
+Task = Literal["sft", "dapt", "classification", "dpo"]
+Precision = Literal["bf16", "fp16", "fp32"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
+Strategy = Literal["auto", "ddp", "zero1", "zero2", "zero3", "fsdp"]
+Offload = Literal["none", "optimizer", "params"]
+AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
+Provider = Literal["local", "slurm", "ssh", "runpod", "lambda"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Lora(_Strict):
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="Module short names (q_proj, v_proj, ...) or 'all-linear' (every linear but the output head)."
+    )
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapter.")
+
+
+class Quantization(_Strict):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Precision = "bf16"
+    skip_modules: list[str] = Field(default_factory=list, description="Linear modules left unquantized (the output head always is).")
+
+
+class Freeze(_Strict):
+    trainable_layers: int = Field(0, ge=0, description="Train the last k transformer blocks (0: the head only).")
+    train_head: bool = True
+
+
+class Data(_Strict):
+    path: str | None = Field(None, description="Local file/folder (relative to the recipe) or a hub dataset id.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "txt", "hub"] = "auto"
+    split: str = "train"
+    validation_split: str | None = None
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    max_seq_len: int = Field(2048, gt=0)
+    packing: bool = False
+    stride: int | None = Field(None, gt=0, description="DAPT window stride in tokens (default: max_seq_len, no overlap).")
+    num_examples: int | None = Field(None, gt=0)
+    num_tokens: int | None = Field(None, gt=0, description="Tokens in the training set, when known.")
+    avg_tokens_per_example: float | None = Field(None, gt=0)
+    columns: dict[str, str] = Field(default_factory=dict, description="Map ftl's field names to the dataset's columns.")
+    prompt_template: str | None = None
+    response_only_loss: bool = True
+    label_map: dict[str, int] | None = None
+
+
+class Train(_Strict):
+    micro_batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    precision: Precision = "bf16"
+    gradient_checkpointing: bool = False
+    attn_implementation: AttnImpl = "sdpa"
+    seed: int = 42
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int | None = Field(None, gt=0)
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk (the estimate's disk figure uses it).")
+    logging_steps: int = Field(10, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+
+
+class Parallel(_Strict):
+    strategy: Strategy = "auto"
+    offload: Offload = "none"
+
+
+class Dpo(_Strict):
+    beta: float = Field(0.1, gt=0)
+
+
+class EstimateSettings(_Strict):
+    mfu: float | None = Field(None, gt=0, le=1, description="Model FLOPs utilisation; default per GPU and method.")
+    headroom: float = Field(0.0, ge=0, lt=1, description="Fraction of GPU memory kept free when judging 'fits'.")
+
+
+class Budget(_Strict):
+    max_cost_usd: float | None = Field(None, gt=0)
+    max_hours: float | None = Field(None, gt=0)
+
+
+class Cluster(_Strict):
+    name: str = "local"
+    provider: Provider = "local"
+    gpu: str | None = Field(None, description="GPU catalog name; none means CPU processes (or the GPU detected).")
+    gpus_per_node: int = Field(1, gt=0)
+    nodes: int = Field(1, gt=0)
+    price_per_gpu_hour: float = Field(0.0, ge=0)
+    price_date: dt.date | None = None
+    price_source: str | None = None
+    inter_node_bandwidth_gbps: float = Field(12.5, gt=0, description="GB/s per node between nodes (100 Gb/s Ethernet = 12.5).")
+    cpu_memory_gib: float | None = Field(None, gt=0, description="Host RAM per node, to check offload.")
+    budget: Budget = Field(default_factory=Budget)
+    # provider fields (used by later backends; kept here so profiles validate as one schema)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    constraint: str | None = None
+    setup: list[str] = Field(default_factory=list)
+    sbatch_options: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+    hosts: list[dict[str, Any]] = Field(default_factory=list)
+    region: str | None = None
+    image: str | None = None
+    cloud_type: Literal["secure", "community"] | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+class Recipe(_Strict):
+    name: str
+    model: str
+    method: Method = "lora"
+    task: Task = "sft"
+    lora: Lora = Field(default_factory=Lora)
+    quantization: Quantization = Field(default_factory=Quantization)
+    freeze: Freeze = Field(default_factory=Freeze)
+    data: Data = Field(default_factory=Data)
+    train: Train = Field(default_factory=Train)
+    parallel: Parallel = Field(default_factory=Parallel)
+    dpo: Dpo = Field(default_factory=Dpo)
+    estimate: EstimateSettings = Field(default_factory=EstimateSettings)
+    budget: Budget = Field(default_factory=Budget)
+    cluster: Cluster = Field(default_factory=Cluster)
+    hub_model_id: str | None = None
+
+    # Where the recipe came from; relative paths were resolved against its folder.
+    source: str | None = Field(None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.method == "qlora" and self.quantization.bits != 4:
+            raise ValueError("method 'qlora' needs quantization.bits: 4")
+        if self.train.precision == "fp16" and self.method == "qlora" and self.quantization.compute_dtype == "bf16":
+            pass  # allowed: compute dtype is independent of the AMP dtype
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.data.label_map) if self.data.label_map else 2
+
+    @property
+    def effective_budget(self) -> Budget:
+        """The recipe's budget wins over the profile's, field by field."""
+        merged = self.cluster.budget.model_dump()
+        merged.update({k: v for k, v in self.budget.model_dump().items() if v is not None})
+        return Budget(**merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(str(path), what, str(path), "no such file; check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(str(path), "(file)", path.name, f"not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), "(file)", type(data).__name__, "a recipe/profile must be a YAML mapping of keys")
+    return data
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], value parsed as YAML, so numbers and booleans keep their type)."""
+    if "=" not in item:
+        raise RecipeError("--set", item, item, "write --set key.path=value, e.g. --set train.micro_batch_size=4")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".") if k]
+    if not keys:
+        raise RecipeError("--set", item, item, "the key is empty; write --set key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def _apply(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        if k == "cluster" and isinstance(node.get(k), str) and node is raw:
+            node[k] = {"profile": node[k]}
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def builtin_cluster_dir() -> Path:
+    return PACKAGE_DIR.parent / "cluster"
+
+
+def _profile_path(ref: str, base: Path) -> Path:
+    p = Path(ref).expanduser()
+    if not p.is_absolute():
+        p = base / p
+    if not p.suffix and not p.exists():
+        p = p.with_suffix(".yaml")
+    return p
+
+
+def _model_fields(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _field_model(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of loc (for did-you-mean on unknown keys)."""
+    model: Any = root
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return None
+    return model
+
+
+def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: str = "") -> RecipeError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    field = prefix + ".".join(str(p) for p in loc)
+    value = e.get("input")
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        owner = _field_model(loc, root)
+        hint = did_you_mean(str(loc[-1]), _model_fields(owner)) if owner else ""
+        allowed = ", ".join(_model_fields(owner)) if owner else ""
+        return RecipeError(file, field, value, f"unknown key.{hint} Known keys here: {allowed}")
+    if kind == "missing":
+        return RecipeError(file, field, None, "required; add it to the file")
+    if kind.startswith("literal_error"):
+        expected = e.get("ctx", {}).get("expected", "")
+        hint = ""
+        if isinstance(value, str):
+            choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip()]
+            hint = did_you_mean(value, choices)
+        return RecipeError(file, field, value, f"must be one of {expected}.{hint}")
+    return RecipeError(file, field, value, e["msg"])
+
+
+def load_cluster(path: str | Path, overrides: dict[str, Any] | None = None) -> Cluster:
+    """A cluster profile from a file (or the built-in name 'local'), with overrides applied."""
+    path = Path(path)
+    raw = _read_yaml(path, "cluster")
+    raw.update(overrides or {})
+    try:
+        return Cluster.model_validate(raw)
+    except ValidationError as e:
+        raise _translate(e, str(path), Cluster) from None
+
+
+def load_recipe(
+    path: str | Path,
+    sets: list[str] | None = None,
+    cluster: str | Path | None = None,
+    gpus_per_node: int | None = None,
+    nodes: int | None = None,
+) -> Recipe:
+    """Read a recipe, apply command-line overrides, merge its cluster profile, resolve paths."""
+    path = Path(path)
+    raw = _read_yaml(path, "recipe")
+    return recipe_from_dict(raw, path, sets=sets, cluster=cluster, gpus_per_node=gpus_per_node, nodes=nodes)
+
+
+def recipe_from_dict(
+    raw: dict[str, Any],
+    path: str | Path | None = None,
+    sets: list[str] | None = None,
+    cluster: str | Path | None = None,
+    gpus_per_node: int | None = None,
+    nodes: int | None = None,
+) -> Recipe:
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    file = str(path) if path else "<recipe>"
+    base = Path(path).resolve().parent if path else Path.cwd()
+
+    overrides: list[tuple[list[str], Any]] = [parse_set(s) for s in sets or []]
+    if cluster is not None:
+        overrides.append((["cluster", "profile"], str(Path(cluster).expanduser().resolve())))
+    if gpus_per_node is not None:
+        overrides.append((["cluster", "gpus_per_node"], gpus_per_node))
+    if nodes is not None:
+        overrides.append((["cluster", "nodes"], nodes))
+    for keys, value in overrides:
+        _apply(raw, keys, value)
+
+    # cluster: profile path (relative to the recipe) plus the recipe's/command line's overrides
+    cl = raw.get("cluster")
+    if cl is None:
+        cl = {}
+    elif isinstance(cl, str):
+        cl = {"profile": cl}
+    elif not isinstance(cl, dict):
+        raise RecipeError(file, "cluster", cl, "give a cluster profile path, or a mapping with 'profile' and overrides")
+    cl = dict(cl)
+    ref = cl.pop("profile", None)
+    if ref is None:
+        profile_raw: dict[str, Any] = {}
+    else:
+        ppath = _profile_path(str(ref), base)
+        if not ppath.is_file() and (builtin_cluster_dir() / Path(str(ref)).name).with_suffix(".yaml").is_file():
+            ppath = (builtin_cluster_dir() / Path(str(ref)).name).with_suffix(".yaml")
+        if not ppath.is_file():
+            raise RecipeError(file, "cluster", ref, f"no cluster profile at {ppath}; give a path to a cluster/*.yaml file")
+        profile_raw = _read_yaml(ppath, "cluster")
+        profile_raw.setdefault("name", ppath.stem)
+    merged = {**profile_raw, **cl}
+    if isinstance(profile_raw.get("budget"), dict) and isinstance(cl.get("budget"), dict):
+        merged["budget"] = {**profile_raw["budget"], **cl["budget"]}
+    try:
+        cluster_obj = Cluster.model_validate(merged)
+    except ValidationError as e:
+        src = str(ppath) if ref is not None and not cl else file
+        raise _translate(e, src, Cluster, prefix="cluster.") from None
+    raw["cluster"] = cluster_obj
+
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _translate(e, file, Recipe) from None
+    recipe.source = str(Path(path).resolve()) if path else None
+
+    # relative local paths are relative to the recipe's folder
+    model_path = base / recipe.model
+    if not Path(recipe.model).is_absolute() and (model_path / "config.json").is_file():
+        recipe.model = str(model_path.resolve())
+    if recipe.data.path and not Path(recipe.data.path).is_absolute():
+        local = base / recipe.data.path
+        if local.exists() or recipe.data.path.startswith((".", "/")) or recipe.data.format not in ("auto", "hub"):
+            recipe.data.path = str(local.resolve())
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (what a run directory records)."""
+    return recipe.model_dump(mode="json")
