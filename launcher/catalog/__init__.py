@@ -1,0 +1,147 @@
+"""Data files about the world (model architectures, GPUs, prices) and their loaders.
+
+A model reference resolves, in order: a catalog name or alias, a local directory with config.json,
+a hub id whose config.json was cached before, then (online only) a fetch of that one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.errors import FtlError, did_you_mean
+
+CATALOG_DIR = Path(__file__).resolve().parent
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _load(name: str) -> dict[str, Any]:
+    with open(CATALOG_DIR / name) as f:
+        return yaml.load(f, Loader=_Loader) or {}
+
+
+@lru_cache(maxsize=None)
+def models() -> dict[str, dict[str, Any]]:
+    return _load("models.yaml")
+
+
+@lru_cache(maxsize=None)
+def gpus() -> dict[str, dict[str, Any]]:
+    return _load("gpus.yaml")
+
+
+def _index(table: dict[str, dict[str, Any]], extra: str | None = None) -> dict[str, str]:
+    idx: dict[str, str] = {}
+    for key, entry in table.items():
+        names = [key, *(entry.get("aliases") or [])]
+        if extra and entry.get(extra):
+            names.append(entry[extra])
+        for n in names:
+            idx[str(n).lower()] = key
+    return idx
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # catalog key, directory or hub id, as the user knows it
+    config: dict[str, Any]
+    origin: str  # "catalog", "local", "hub-cache", "hub"
+    hub_id: str | None = None
+    path: str | None = None  # local directory, when the weights (or at least config.json) are local
+
+
+class UnknownModel(FtlError):
+    pass
+
+
+def config_cache_dir() -> Path:
+    root = os.environ.get("FTL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "ftl")
+    return Path(root) / "configs"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in {"1", "true", "yes"} for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FTL_OFFLINE"))
+
+
+def _fetch_config(hub_id: str, dest: Path) -> dict[str, Any]:
+    from huggingface_hub import hf_hub_download  # only when a config must be fetched
+
+    path = hf_hub_download(hub_id, "config.json", token=os.environ.get("HF_TOKEN"))
+    cfg = json.loads(Path(path).read_text())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(cfg, indent=1))
+    return cfg
+
+
+def resolve_model(ref: str) -> ModelSpec:
+    idx = _index(models(), "hub_id")
+    key = idx.get(ref.lower())
+    if key:
+        entry = models()[key]
+        return ModelSpec(key, dict(entry["config"]), "catalog", hub_id=entry.get("hub_id"))
+    p = Path(ref).expanduser()
+    if (p / "config.json").is_file():
+        return ModelSpec(ref, json.loads((p / "config.json").read_text()), "local", path=str(p.resolve()))
+    if p.exists() or ref.startswith((".", "/", "~")):
+        raise UnknownModel(f"model = {ref!r}: {p} has no config.json; point 'model' at a folder saved with save_pretrained")
+    if ref.count("/") == 1:
+        cached = config_cache_dir() / ref / "config.json"
+        if cached.is_file():
+            return ModelSpec(ref, json.loads(cached.read_text()), "hub-cache", hub_id=ref)
+        if not _offline():
+            try:
+                return ModelSpec(ref, _fetch_config(ref, cached), "hub", hub_id=ref)
+            except Exception as e:  # network, auth, missing repo: say which
+                raise UnknownModel(
+                    f"model = {ref!r}: could not fetch its config.json from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
+                    f"{did_you_mean(ref, idx)} Use a catalog name (ftl models) or a local folder."
+                ) from None
+    raise UnknownModel(
+        f"model = {ref!r}: not a catalog name, not a local folder with config.json"
+        + (", and offline so the hub cannot be asked" if _offline() else "")
+        + f".{did_you_mean(ref, idx)} See `ftl models` for the catalog."
+    )
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    key: str
+    name: str
+    memory_bytes: int
+    bf16_tflops: float
+    fp16_tflops: float
+    fp32_tflops: float
+    fp8_tflops: float | None
+    memory_bandwidth_gbps: float
+    intra_node_bandwidth_gbps: float
+    pcie_bandwidth_gbps: float
+    intra_node_link: str
+    source: str
+
+
+def find_gpu(ref: str) -> GpuSpec:
+    idx = _index(gpus())
+    key = idx.get(ref.lower()) or idx.get(ref.lower().replace(" ", "-"))
+    if not key:
+        raise FtlError(f"gpu = {ref!r}: not in the GPU catalog.{did_you_mean(ref, idx)} Known: {', '.join(gpus())}")
+    e = gpus()[key]
+    return GpuSpec(
+        key=key,
+        name=e["name"],
+        memory_bytes=int(e["memory_bytes_reported"]),
+        bf16_tflops=float(e["bf16_tflops_dense"]),
+        fp16_tflops=float(e.get("fp16_tflops_dense") or e["bf16_tflops_dense"]),
+        fp32_tflops=float(e.get("tf32_tflops_dense") or e.get("fp32_tflops") or 0),
+        fp8_tflops=e.get("fp8_tflops_dense"),
+        memory_bandwidth_gbps=float(e["memory_bandwidth_gbps"]),
+        intra_node_bandwidth_gbps=float(e["intra_node_bandwidth_gbps"]),
+        pcie_bandwidth_gbps=float(e.get("pcie_bandwidth_gbps") or 32),
+        intra_node_link=str(e.get("intra_node_link", "")),
+        source=str(e.get("source", "")),
+    )

@@ -111,7 +111,8 @@ def plan_params(arch: Arch, recipe: Recipe) -> ParamPlan:
             lowest = 0
         save = modules_to_save(arch, recipe)
         for b, l in arch.linears():
-            if l.short in save or l.name in save:
+            # PEFT matches modules_to_save by a plain suffix: 'classifier' also catches 'pre_classifier'
+            if any(l.name.endswith(n) for n in save):
                 saved += b.count * l.params
         if any(b.name == "head" for b, _ in targets) or saved:
             lowest = min(lowest, arch.layers)

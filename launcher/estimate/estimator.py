@@ -1,0 +1,339 @@
+"""The estimate of one recipe: parameters, memory, compute, time and cost, assembled from the parts.
+
+Nothing here imports torch or transformers; the answer must come in well under a second.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.catalog import GpuSpec, ModelSpec, find_gpu, gpus, resolve_model
+from launcher.errors import FtlError
+from launcher.estimate.arch import Arch, ArchError, arch_from_config
+from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time
+from launcher.estimate.dataset import DataSize, data_size, sequences_per_epoch
+from launcher.estimate.flops import flops_per_step
+from launcher.estimate.memory import GiB, MemoryEstimate, memory_estimate
+from launcher.estimate.params import ParamPlan, plan_params
+from launcher.recipe import Recipe
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass
+class Estimate:
+    recipe: Recipe
+    model: ModelSpec
+    arch: Arch
+    params: ParamPlan
+    strategy: str
+    world_size: int
+    gpu: GpuSpec | None
+    gpu_memory_bytes: int | None
+    gpu_source: str
+    memory: MemoryEstimate
+    data: DataSize
+    sequences_per_epoch: int | None
+    tokens_per_sequence: int
+    tokens_per_step: int
+    flops_per_step: int
+    steps: int | None
+    step_time_s: float | None
+    total_time_s: float | None
+    cost_usd: float | None
+    disk_bytes: int
+    assumptions: dict[str, Any]
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory_bytes is None:
+            return None
+        return self.memory.peak <= self.usable_bytes
+
+    @property
+    def usable_bytes(self) -> int | None:
+        if self.gpu_memory_bytes is None:
+            return None
+        return int(self.gpu_memory_bytes * (1 - self.recipe.estimate.headroom))
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(0, self.memory.peak - (self.usable_bytes or self.memory.peak))
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.memory
+        s, a = m.states, m.acts
+        return {
+            "recipe": self.recipe.name,
+            "model": {
+                "name": self.model.name,
+                "hub_id": self.model.hub_id,
+                "origin": self.model.origin,
+                "model_type": self.arch.model_type,
+                "params_total": self.params.total,
+                "params_active": self.params.active,
+                "params_trainable": self.params.trainable,
+                "params_adapter": self.params.adapter,
+                "params_quantized": self.params.quantized_weights,
+            },
+            "method": self.recipe.method,
+            "task": self.recipe.task,
+            "strategy": self.strategy,
+            "offload": self.recipe.parallel.offload,
+            "world_size": self.world_size,
+            "nodes": self.recipe.cluster.nodes,
+            "gpus_per_node": self.recipe.cluster.gpus_per_node,
+            "per_device": {
+                "weights_bytes": s.weights,
+                "gradients_bytes": s.gradients,
+                "optimizer_bytes": s.optimizer,
+                "activations_bytes": a.saved,
+                "logits_bytes": a.logits,
+                "optimizer_step_temp_bytes": s.step_temp,
+                "backward_transient_bytes": a.backward_transient,
+                "overhead_bytes": m.overhead,
+                "peak_allocated_bytes": m.peak_allocated,
+                "peak_bytes": m.peak,
+                "peak_phase": m.peak_phase,
+                "phases": m.phases,
+                "detail": {**s.detail, **{f"activations: {k}": v for k, v in a.detail.items()}, **{f"overhead: {k}": v for k, v in m.overhead_detail.items()}},
+            },
+            "cpu_bytes_per_node": s.cpu,
+            "disk_bytes": self.disk_bytes,
+            "gpu": {
+                "name": self.gpu.name if self.gpu else None,
+                "key": self.gpu.key if self.gpu else None,
+                "memory_bytes": self.gpu_memory_bytes,
+                "usable_bytes": self.usable_bytes,
+                "source": self.gpu_source,
+            },
+            "fits": self.fits,
+            "shortfall_bytes": self.shortfall_bytes if self.fits is False else 0,
+            "suggestions": self.suggestions,
+            "data": {"examples": self.data.examples, "tokens": self.data.tokens, "source": self.data.source,
+                     "sequences_per_epoch": self.sequences_per_epoch, "tokens_per_sequence": self.tokens_per_sequence},
+            "tokens_per_step": self.tokens_per_step,
+            "flops_per_step": self.flops_per_step,
+            "steps": self.steps,
+            "step_time_s": self.step_time_s,
+            "total_time_s": self.total_time_s,
+            "cost_usd": self.cost_usd,
+            "price_per_gpu_hour": self.recipe.cluster.price_per_gpu_hour,
+            "assumptions": self.assumptions,
+        }
+
+
+def detect_gpu() -> tuple[str, int] | None:
+    """(name, memory bytes) of GPU 0 from nvidia-smi, without importing torch."""
+    if os.environ.get("FTL_NO_GPU_DETECT") or not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=5,
+        ).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out:
+        return None
+    name, mib = (x.strip() for x in out[0].split(",", 1))
+    return name, int(float(mib)) * 1024**2
+
+
+def _gpu_for(recipe: Recipe) -> tuple[GpuSpec | None, int | None, str]:
+    if recipe.cluster.gpu:
+        g = find_gpu(recipe.cluster.gpu)
+        return g, g.memory_bytes, "cluster profile"
+    if recipe.cluster.provider == "local":
+        found = detect_gpu()
+        if found:
+            name, mem = found
+            try:
+                return find_gpu(name), mem, "detected (nvidia-smi)"
+            except FtlError:
+                return None, mem, f"detected {name} (not in the catalog: no time estimate)"
+    return None, None, "none named or detected"
+
+
+def resolve_strategy(recipe: Recipe, world: int) -> str:
+    s = recipe.parallel.strategy
+    if s != "auto":
+        return s
+    return "ddp" if world == 1 else "auto"
+
+
+def _head(recipe: Recipe) -> str:
+    return "seq_cls" if recipe.task == "classification" else "causal_lm"
+
+
+def build_arch(recipe: Recipe, spec: ModelSpec) -> Arch:
+    try:
+        return arch_from_config(spec.config, _head(recipe), recipe.num_labels)  # type: ignore[arg-type]
+    except ArchError as e:
+        raise FtlError(f"model = {recipe.model!r}: {e}") from None
+    except KeyError as e:
+        raise FtlError(f"model = {recipe.model!r}: its config.json lacks {e}; is it a transformers config?") from None
+
+
+def _memory_recipe(recipe: Recipe) -> Recipe:
+    """DPO runs chosen and rejected through the model together: twice the sequences per micro-batch."""
+    if recipe.task != "dpo":
+        return recipe
+    r = recipe.model_copy(deep=True)
+    r.train.micro_batch_size *= 2
+    return r
+
+
+def estimate(recipe: Recipe, strategy: str | None = None, suggest: bool = True) -> Estimate:
+    spec = resolve_model(recipe.model)
+    arch = build_arch(recipe, spec)
+    return estimate_arch(recipe, spec, arch, strategy=strategy, suggest=suggest)
+
+
+def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | None = None, suggest: bool = True) -> Estimate:
+    cl = recipe.cluster
+    world = cl.world_size
+    params = plan_params(arch, recipe)
+    gpu, gpu_mem, gpu_source = _gpu_for(recipe)
+    on_gpu = gpu_mem is not None
+
+    if strategy is None:
+        strategy = resolve_strategy(recipe, world)
+    if strategy == "auto":  # the cheapest strategy (least communication) that fits; planning refines this
+        for cand in ("ddp", "zero2", "zero3"):
+            e = estimate_arch(recipe, spec, arch, strategy=cand, suggest=False)
+            if e.fits is not False:
+                break
+        strategy = cand
+
+    mem_recipe = _memory_recipe(recipe)
+    mem = memory_estimate(arch, params, mem_recipe, strategy, world, cl.gpus_per_node, gpu, on_gpu)
+
+    size = data_size(recipe, spec.path)
+    seqs, tok_per_seq = sequences_per_epoch(recipe, size)
+    if seqs is not None and not recipe.data.validation_split and recipe.data.validation_fraction and recipe.task != "dapt":
+        seqs = max(1, int(seqs * (1 - recipe.data.validation_fraction)))
+    global_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world
+    pairs = 2 if recipe.task == "dpo" else 1
+    tokens_per_step = global_batch * pairs * recipe.data.max_seq_len
+    sf = flops_per_step(arch, params, recipe, global_batch * pairs)
+    flops = sf.total
+    if recipe.task == "dpo":  # reference log-probs: one more forward of chosen and rejected
+        flops += sf.forward
+    # the step time uses the average sequence length, the memory the longest
+    flops_avg = int(flops * tok_per_seq / recipe.data.max_seq_len) if recipe.data.max_seq_len else flops
+
+    steps = optimizer_steps(recipe, seqs, world)
+    mfu = recipe.estimate.mfu or default_mfu(recipe.method, gpu.key if gpu else None)
+    st_s = total_s = cost = None
+    comm_detail: dict[str, float] = {}
+    if gpu is not None:
+        w16 = 2 if recipe.train.precision != "fp32" else 4
+        grad_b = params.trainable * (4 if recipe.train.precision == "fp32" or strategy == "ddp" else 2)
+        comm = comm_volume(strategy, world, recipe.train.grad_accum, grad_b, params.total * w16,
+                           params.trainable * w16, recipe.parallel.offload)
+        comm_detail = comm.detail
+        bw = link_bandwidth(gpu, cl.nodes, cl.gpus_per_node, cl.inter_node_bandwidth_gbps)
+        st = step_time(flops_avg, world, gpu, recipe.train.precision, mfu, comm, bw)
+        st_s = st.total_s
+        if steps is not None:
+            total_s = steps * st_s
+            cost = total_s / 3600 * world * cl.price_per_gpu_hour
+
+    w_bytes = DTYPE_BYTES.get(arch.dtype.replace("torch.", ""), 2)
+    checkpoint = (params.trainable * 4 + mem.states.optimizer * (world if strategy != "ddp" else 1)
+                  if recipe.method in ("full", "freeze") else params.trainable * 4 * 3)
+    final = params.total * w_bytes if recipe.method in ("full", "freeze") else params.trainable * 4
+    disk = (params.total * w_bytes if spec.origin != "local" else 0) + recipe.train.save_total_limit * checkpoint + final
+
+    assumptions = {
+        "precision": recipe.train.precision,
+        "optimizer": recipe.train.optimizer,
+        "micro_batch_size": recipe.train.micro_batch_size,
+        "grad_accum": recipe.train.grad_accum,
+        "max_seq_len": recipe.data.max_seq_len,
+        "sequences_padded_to_max_seq_len_for_memory": True,
+        "gradient_checkpointing": recipe.train.gradient_checkpointing,
+        "attn_implementation": recipe.train.attn_implementation,
+        "mfu": mfu,
+        "mfu_source": "recipe estimate.mfu" if recipe.estimate.mfu else "default for method and GPU (launcher/catalog/mfu.yaml)",
+        "communication": comm_detail,
+        "communication_overlap": "gradient reduction hidden behind backward, ZeRO-3/FSDP gathers behind compute, up to the compute time",
+        "peak_statistic": "torch.cuda.max_memory_allocated, plus overhead_bytes",
+        "overhead": "CUDA context, allocator slack and collective buffers" if on_gpu else "none (no GPU)",
+        "data_size": size.source,
+        "headroom": recipe.estimate.headroom,
+    }
+    est = Estimate(
+        recipe=recipe, model=spec, arch=arch, params=params, strategy=strategy, world_size=world,
+        gpu=gpu, gpu_memory_bytes=gpu_mem, gpu_source=gpu_source, memory=mem, data=size,
+        sequences_per_epoch=seqs, tokens_per_sequence=tok_per_seq, tokens_per_step=tokens_per_step,
+        flops_per_step=flops, steps=steps, step_time_s=st_s, total_time_s=total_s, cost_usd=cost,
+        disk_bytes=disk, assumptions=assumptions,
+    )
+    if suggest and est.fits is False:
+        est.suggestions = suggestions(est)
+    return est
+
+
+def _variants(r: Recipe, strategy: str, world: int) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    t = r.train
+    if not t.gradient_checkpointing:
+        out.append(("enable gradient checkpointing (about 1/3 more compute)", {"train.gradient_checkpointing": True}))
+    if t.micro_batch_size > 1:
+        out.append((f"micro_batch_size 1 with grad_accum {t.grad_accum * t.micro_batch_size} (same global batch)",
+                    {"train.micro_batch_size": 1, "train.grad_accum": t.grad_accum * t.micro_batch_size}))
+    if t.optimizer == "adamw" and r.method in ("full", "freeze"):
+        out.append(("8-bit AdamW (bitsandbytes)", {"train.optimizer": "adamw_8bit"}))
+    if world > 1 and strategy not in ("zero3", "fsdp"):
+        out.append(("shard everything with ZeRO-3", {"parallel.strategy": "zero3"}))
+    if r.parallel.offload == "none" and r.method in ("full", "freeze"):
+        out.append(("offload optimizer states to CPU (ZeRO)", {"parallel.offload": "optimizer", "parallel.strategy": "zero3" if world > 1 else "zero2"}))
+    if r.method == "full":
+        out.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
+    if r.method == "lora":
+        out.append(("QLoRA (4-bit NF4 base)", {"method": "qlora"}))
+    return out
+
+
+def _with(r: Recipe, changes: dict[str, Any]) -> Recipe:
+    new = r.model_copy(deep=True)
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node: Any = new
+        for k in parents:
+            node = getattr(node, k)
+        setattr(node, last, value)  # validate_assignment checks the value
+    return new
+
+
+def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
+    """Single changes that make the recipe fit, in order of how little they cost in speed and quality."""
+    r = est.recipe
+    out: list[dict[str, Any]] = []
+    for label, changes in _variants(r, est.strategy, est.world_size):
+        try:
+            alt = _with(r, changes)
+            e = estimate_arch(alt, est.model, est.arch, suggest=False,
+                              strategy=changes.get("parallel.strategy", est.strategy) if "parallel.strategy" in changes or r.parallel.strategy != "auto" else None)
+        except Exception:  # a variant that does not validate is simply not suggested
+            continue
+        if e.fits:
+            out.append({"change": label, "set": changes, "peak_bytes": e.memory.peak, "step_time_s": e.step_time_s})
+        if len(out) >= limit:
+            break
+    for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
+        if gpus()[g]["memory_bytes_reported"] * (1 - r.estimate.headroom) >= est.memory.peak and est.gpu and g != est.gpu.key \
+                and gpus()[g]["memory_bytes_reported"] > est.gpu.memory_bytes:
+            out.append({"change": f"a GPU with more memory: {gpus()[g]['name']}", "set": {"cluster.gpu": g}, "peak_bytes": est.memory.peak, "step_time_s": None})
+            break
+    return out
+
+
+__all__ = ["Estimate", "estimate", "estimate_arch", "GiB"]

@@ -1,0 +1,96 @@
+"""Per-device peak memory: model states and activations combined by training phase.
+
+The peak is the largest of the phases a step goes through, not a sum of everything:
+  forward  = weights + optimizer + gradients kept across micro-batches + saved activations + logits/loss
+  backward = weights + optimizer + max(forward's transient part, all gradients) + backward workspace
+  step     = weights + optimizer + gradients + optimizer-step temporaries
+`peak_bytes` is that maximum (what `torch.cuda.max_memory_allocated` measures) plus a stated
+overhead for what the allocator statistic does not see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launcher.catalog import GpuSpec
+from launcher.estimate.activations import ActivationBytes, activation_bytes
+from launcher.estimate.arch import Arch
+from launcher.estimate.params import ParamPlan
+from launcher.estimate.states import StateBytes, state_bytes
+from launcher.recipe import Recipe
+
+GiB = 1024**3
+MiB = 1024**2
+
+# Stated overhead on a GPU (docs/estimation.md): CUDA context and kernels, the caching allocator's
+# slack (grows with transient memory), and the collective buffers of the strategy.
+CUDA_CONTEXT_BYTES = 512 * MiB
+FRAGMENTATION_FRACTION = 0.10  # of transient bytes (activations, logits, step temporaries)
+FRAGMENTATION_FLOOR = 128 * MiB
+DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's default bucket_cap_mb, fp32, two buckets in flight
+ZERO_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket sizes (elements)
+SHARDED_STRATEGIES = {"zero1", "zero2", "zero3", "fsdp"}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    states: StateBytes
+    acts: ActivationBytes
+    phases: dict[str, int]
+    peak_phase: str
+    peak_allocated: int
+    overhead: int
+    overhead_detail: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return self.peak_allocated + self.overhead
+
+
+def overhead_bytes(states: StateBytes, acts: ActivationBytes, strategy: str, world_size: int, on_gpu: bool,
+                   trainable: int) -> dict[str, int]:
+    if not on_gpu:
+        return {}
+    transient = acts.saved + acts.logits + states.step_temp
+    lines = {
+        "CUDA context": CUDA_CONTEXT_BYTES,
+        "allocator slack": max(FRAGMENTATION_FLOOR, int(FRAGMENTATION_FRACTION * transient)),
+    }
+    if world_size > 1:
+        if strategy == "ddp":
+            lines["communication buffers"] = min(2 * DDP_BUCKET_BYTES, 4 * trainable)
+        elif strategy in SHARDED_STRATEGIES:
+            # DeepSpeed/FSDP collective buffers, bounded by the (trainable) model size they stage
+            lines["communication buffers"] = min(2 * 2 * ZERO_BUCKET_ELEMENTS // 10, 4 * trainable)
+    return lines
+
+
+def memory_estimate(
+    arch: Arch,
+    params: ParamPlan,
+    recipe: Recipe,
+    strategy: str,
+    world_size: int,
+    gpus_per_node: int,
+    gpu: GpuSpec | None,
+    on_gpu: bool,
+) -> MemoryEstimate:
+    s = state_bytes(arch, params, recipe, strategy, world_size, gpus_per_node)
+    a = activation_bytes(arch, params, recipe)
+    base = s.weights + s.optimizer
+    grads_kept = s.gradients if (recipe.train.grad_accum > 1 or strategy in SHARDED_STRATEGIES - {"zero1"}) else 0
+    forward = base + grads_kept + a.saved + a.logits
+    backward = base + max(grads_kept + a.saved + a.logits, s.gradients) + a.backward_transient
+    step = base + s.gradients + s.step_temp
+    phases = {"forward": forward, "backward": backward, "optimizer step": step}
+    peak_phase = max(phases, key=phases.__getitem__)
+    over = overhead_bytes(s, a, strategy, world_size, on_gpu, s.gradients)
+    return MemoryEstimate(
+        states=s,
+        acts=a,
+        phases=phases,
+        peak_phase=peak_phase,
+        peak_allocated=phases[peak_phase],
+        overhead=sum(over.values()),
+        overhead_detail=over,
+    )
