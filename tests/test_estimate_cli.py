@@ -1,0 +1,125 @@
+"""`ftl estimate` end to end: JSON contract, no torch, fits/suggestions, cost arithmetic, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.estimate.estimator import estimate
+from launcher.recipe import load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def ftl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          check=check, env={"HF_HUB_OFFLINE": "1", "FTL_NO_GPU_DETECT": "1", "PATH": "/usr/bin:/bin",
+                                            "COLUMNS": "160"})
+
+
+def test_json_contract_and_no_torch_import():
+    code = (
+        "import sys, json, io, contextlib\n"
+        "from launcher.cli import app\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try: app(['estimate', 'recipes/llama3-8b-qlora.yaml', '--json'])\n"
+        "    except SystemExit as e: assert e.code in (0, None), e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'deepspeed', 'accelerate', 'datasets') if m in sys.modules]\n"
+        "print(json.dumps({'heavy': heavy, 'out': json.loads(buf.getvalue())}))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
+                         env={"HF_HUB_OFFLINE": "1", "FTL_NO_GPU_DETECT": "1", "PATH": "/usr/bin:/bin"})
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["heavy"] == []
+    d = got["out"]
+    for key in ("model", "per_device", "cpu_bytes_per_node", "disk_bytes", "gpu", "fits", "tokens_per_step",
+                "flops_per_step", "step_time_s", "total_time_s", "cost_usd", "assumptions"):
+        assert key in d
+    assert {"name", "params_total", "params_trainable"} <= set(d["model"])
+    for key in ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "logits_bytes",
+                "overhead_bytes", "peak_bytes"):
+        assert isinstance(d["per_device"][key], int) and d["per_device"][key] >= 0
+    assert {"name", "memory_bytes"} <= set(d["gpu"])
+    assert d["model"]["params_total"] == 8_030_261_248
+    assert d["fits"] is True and d["gpu"]["name"]
+    assert d["per_device"]["peak_bytes"] == d["per_device"]["peak_allocated_bytes"] + d["per_device"]["overhead_bytes"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_estimates(path):
+    e = estimate(load_recipe(path))
+    d = e.to_json()
+    assert d["per_device"]["peak_bytes"] > d["per_device"]["weights_bytes"] > 0
+    assert d["flops_per_step"] > 0 and d["tokens_per_step"] > 0
+    if d["gpu"]["name"]:
+        assert d["step_time_s"] > 0
+        # cost is time x GPUs x price, exactly
+        assert d["cost_usd"] == pytest.approx(d["total_time_s"] / 3600 * e.world_size * e.recipe.cluster.price_per_gpu_hour, rel=1e-12)
+
+
+def test_no_gpu_means_fits_null(model_dir):
+    r = recipe_from_dict({"name": "t", "model": str(model_dir("llama")), "method": "full", "data": {"max_seq_len": 64}})
+    d = estimate(r).to_json()
+    assert d["fits"] is None and d["gpu"]["memory_bytes"] is None
+    assert d["total_time_s"] is None and d["cost_usd"] is None  # no data size, no GPU
+    assert d["per_device"]["overhead_bytes"] == 0
+
+
+def test_does_not_fit_says_by_how_much_and_what_fixes_it():
+    r = load_recipe(ROOT / "recipes" / "llama3-8b-qlora.yaml", sets=["method=full", "train.optimizer=adamw", "cluster.gpu=a10g",
+                                                                   "train.gradient_checkpointing=false"])
+    e = estimate(r)
+    assert e.fits is False and e.shortfall_bytes > 0
+    assert e.suggestions, "a recipe that does not fit comes with changes that make it fit"
+    for s in e.suggestions:
+        assert s["peak_bytes"] <= e.usable_bytes
+    res = ftl("estimate", "recipes/llama3-8b-qlora.yaml", "--set", "method=full", "--set", "train.optimizer=adamw",
+              "--set", "cluster.gpu=a10g")
+    assert "does not fit by" in res.stdout
+
+
+def test_unknown_data_size_gives_null_time(model_dir):
+    r = recipe_from_dict({"name": "t", "model": str(model_dir("llama")), "cluster": {"gpu": "h100-sxm"}})
+    d = estimate(r).to_json()
+    assert d["step_time_s"] > 0 and d["total_time_s"] is None and d["cost_usd"] is None
+
+
+def test_local_data_is_counted_with_the_local_tokenizer(tmp_path, model_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = model_dir("llama")
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": "hello world", "output": "hello"}) for _ in range(10)))
+    r = recipe_from_dict({"name": "t", "model": str(d), "data": {"path": str(data), "validation_fraction": 0}})
+    e = estimate(r)
+    assert (e.data.examples, e.data.tokens) == (10, 30) and "tokenizer.json" in e.data.source
+    (d / "tokenizer.json").unlink()
+    e = estimate(r)
+    assert "estimated from characters" in e.data.source
+
+
+def test_bad_recipe_exits_2_with_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "model": "llama-3.1-8b", "metod": "lora"}))
+    res = ftl("estimate", str(bad), check=False)
+    assert res.returncode == 2
+    assert "metod" in res.stderr and "Did you mean 'method'" in res.stderr and "Traceback" not in res.stderr
+    res = ftl("estimate", str(bad), "--set", "metod=lora", check=False)
+    assert res.returncode == 2
+
+
+def test_human_output_renders():
+    res = ftl("estimate", "recipes/llama3-8b-qlora.yaml")
+    assert "peak" in res.stdout and "fits" in res.stdout and "step time" in res.stdout
+    assert "Llama" in ftl("models").stdout or "llama-3.1-8b" in ftl("models").stdout
+    assert "h100-sxm" in ftl("gpus").stdout
