@@ -7,7 +7,7 @@ built on the meta device). No torch here: `ftl estimate` must answer without imp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Head = Literal["causal_lm", "seq_cls"]
@@ -79,6 +79,8 @@ class Arch:
     experts_per_token: int
     dtype: str  # the dtype the checkpoint is published in
     blocks: tuple[Block, ...]
+    # Training-time dropout probabilities (embd, resid, attn, classifier): dropout keeps masks for backward.
+    dropout: dict[str, float] = field(default_factory=dict)
 
     def block(self, name: str) -> Block:
         return next(b for b in self.blocks if b.name == name)
@@ -334,17 +336,37 @@ def _distilbert(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
 SUPPORTED = sorted(LLAMA_LIKE | ENCODER_TYPES | {"gpt2"})
 
 
+def dropout_from_config(cfg: dict) -> dict[str, float]:
+    """Training-time dropout probabilities from a config.json dict, under the keys this module uses:
+    embd (after the embeddings), resid (after attention / MLP outputs), attn (attention
+    probabilities), classifier. Meant for Arch (a `dropout` field); missing keys mean 0."""
+    mt = cfg.get("model_type")
+
+    def g(*keys: str, default: float = 0.0) -> float:
+        for k in keys:
+            if cfg.get(k) is not None:
+                return float(cfg[k])
+        return default
+
+    if mt == "gpt2":
+        return {"embd": g("embd_pdrop", default=0.1), "resid": g("resid_pdrop", default=0.1),
+                "attn": g("attn_pdrop", default=0.1)}
+    if mt == "bert":
+        hid = g("hidden_dropout_prob", default=0.1)
+        return {"embd": hid, "resid": hid, "attn": g("attention_probs_dropout_prob", default=0.1),
+                "classifier": g("classifier_dropout", default=hid)}
+    if mt == "distilbert":
+        return {"embd": g("dropout", default=0.1), "resid": g("dropout", default=0.1),
+                "attn": g("attention_dropout", default=0.1), "classifier": g("seq_classif_dropout", default=0.2)}
+    return {"attn": g("attention_dropout", default=0.0)}
+
+
 def arch_from_config(cfg: dict[str, Any], head: Head = "causal_lm", num_labels: int = 2) -> Arch:
     """Build the tensor inventory for `cfg` (a config.json dict) with the given output head."""
     mt = cfg.get("model_type")
     if mt in ENCODER_TYPES and head != "seq_cls":
         raise ArchError(f"{mt} is an encoder: ftl trains it only for task 'classification'")
-    if mt in LLAMA_LIKE:
-        return _llama_like(cfg, head, num_labels)
-    if mt == "gpt2":
-        return _gpt2(cfg, head, num_labels)
-    if mt == "bert":
-        return _bert(cfg, head, num_labels)
-    if mt == "distilbert":
-        return _distilbert(cfg, head, num_labels)
+    builders = {"gpt2": _gpt2, "bert": _bert, "distilbert": _distilbert, **{t: _llama_like for t in LLAMA_LIKE}}
+    if mt in builders:
+        return replace(builders[mt](cfg, head, num_labels), dropout=dropout_from_config(cfg))
     raise ArchError(f"model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")

@@ -219,14 +219,14 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
     if seqs is not None and not recipe.data.validation_split and recipe.data.validation_fraction and recipe.task != "dapt":
         seqs = max(1, int(seqs * (1 - recipe.data.validation_fraction)))
     global_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world
-    pairs = 2 if recipe.task == "dpo" else 1
-    tokens_per_step = global_batch * pairs * recipe.data.max_seq_len
-    sf = flops_per_step(arch, params, recipe, global_batch * pairs)
+    pairs = 2 if recipe.task == "dpo" else 1  # DPO: chosen and rejected per pair
+    # Memory is estimated at max_seq_len (the longest batch); tokens, FLOPs and time at the
+    # average sequence length of the data when it is known.
+    tokens_per_step = global_batch * pairs * tok_per_seq
+    sf = flops_per_step(arch, params, recipe, global_batch * pairs, seq_len=tok_per_seq)
     flops = sf.total
     if recipe.task == "dpo":  # reference log-probs: one more forward of chosen and rejected
         flops += sf.forward
-    # the step time uses the average sequence length, the memory the longest
-    flops_avg = int(flops * tok_per_seq / recipe.data.max_seq_len) if recipe.data.max_seq_len else flops
 
     steps = optimizer_steps(recipe, seqs, world)
     mfu = recipe.estimate.mfu or default_mfu(recipe.method, gpu.key if gpu else None)
@@ -239,7 +239,7 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
                            params.trainable * w16, recipe.parallel.offload)
         comm_detail = comm.detail
         bw = link_bandwidth(gpu, cl.nodes, cl.gpus_per_node, cl.inter_node_bandwidth_gbps)
-        st = step_time(flops_avg, world, gpu, recipe.train.precision, mfu, comm, bw)
+        st = step_time(flops, world, gpu, recipe.train.precision, mfu, comm, bw)
         st_s = st.total_s
         if steps is not None:
             total_s = steps * st_s
@@ -325,14 +325,19 @@ def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
         except Exception:  # a variant that does not validate is simply not suggested
             continue
         if e.fits:
-            out.append({"change": label, "set": changes, "peak_bytes": e.memory.peak, "step_time_s": e.step_time_s})
+            out.append({"change": label, "set": changes, "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
+                        "step_time_s": e.step_time_s})
         if len(out) >= limit:
             break
-    for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
-        if gpus()[g]["memory_bytes_reported"] * (1 - r.estimate.headroom) >= est.memory.peak and est.gpu and g != est.gpu.key \
-                and gpus()[g]["memory_bytes_reported"] > est.gpu.memory_bytes:
-            out.append({"change": f"a GPU with more memory: {gpus()[g]['name']}", "set": {"cluster.gpu": g}, "peak_bytes": est.memory.peak, "step_time_s": None})
-            break
+    if est.gpu is not None:  # the smallest catalog GPU with more memory that holds it
+        for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
+            if gpus()[g]["memory_bytes_reported"] <= est.gpu.memory_bytes:
+                continue
+            e = estimate_arch(_with(r, {"cluster.gpu": g}), est.model, est.arch, strategy=est.strategy, suggest=False)
+            if e.fits:
+                out.append({"change": f"a GPU with more memory: {e.gpu.name}", "set": {"cluster.gpu": g},
+                            "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes, "step_time_s": e.step_time_s})
+                break
     return out
 
 

@@ -1,9 +1,10 @@
 """Per-device peak memory: model states and activations combined by training phase.
 
 The peak is the largest of the phases a step goes through, not a sum of everything:
-  forward  = weights + optimizer + gradients kept across micro-batches + saved activations + logits/loss
-  backward = weights + optimizer + max(forward's transient part, all gradients) + backward workspace
-  step     = weights + optimizer + gradients + optimizer-step temporaries
+  forward        = W + O + G kept across micro-batches + autocast weight copies + saved + logits (forward)
+  loss backward  = W + O + G kept + weight copies + saved activations + logits and loss buffers
+  layer backward = W + O + weight copies + saved + backward workspace + all gradients (an upper bound)
+  optimizer step = W + O + G + optimizer-step temporaries
 `peak_bytes` is that maximum (what `torch.cuda.max_memory_allocated` measures) plus a stated
 overhead for what the allocator statistic does not see.
 """
@@ -78,11 +79,18 @@ def memory_estimate(
     s = state_bytes(arch, params, recipe, strategy, world_size, gpus_per_node)
     a = activation_bytes(arch, params, recipe)
     base = s.weights + s.optimizer
+    # gradients outlive the backward when micro-batches accumulate into them, and ZeRO-2/3 and FSDP
+    # keep their gradient partitions allocated for the whole run
     grads_kept = s.gradients if (recipe.train.grad_accum > 1 or strategy in SHARDED_STRATEGIES - {"zero1"}) else 0
-    forward = base + grads_kept + a.saved + a.logits
-    backward = base + max(grads_kept + a.saved + a.logits, s.gradients) + a.backward_transient
-    step = base + s.gradients + s.step_temp
-    phases = {"forward": forward, "backward": backward, "optimizer step": step}
+    copies = a.detail.get("autocast weight copies", 0)  # 16-bit casts of fp32 weights kept for backward
+    copies_fwd = a.detail.get("autocast weight copies (forward)", copies)
+    logits_fwd = a.detail.get("logits (forward peak)", a.logits)
+    phases = {
+        "forward": base + grads_kept + copies_fwd + a.saved + logits_fwd,
+        "loss backward": base + grads_kept + copies + a.saved + a.logits,
+        "layer backward": base + copies + a.saved + a.backward_transient + s.gradients,
+        "optimizer step": base + s.gradients + s.step_temp,
+    }
     peak_phase = max(phases, key=phases.__getitem__)
     over = overhead_bytes(s, a, strategy, world_size, on_gpu, s.gradients)
     return MemoryEstimate(

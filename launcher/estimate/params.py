@@ -103,13 +103,16 @@ def plan_params(arch: Arch, recipe: Recipe) -> ParamPlan:
                 trainable_base += head.params
         lowest = 0 if embeddings_train else arch.layers - k
     else:  # lora, qlora
-        targets = lora_targets(arch, recipe.lora.target_modules)
+        save = modules_to_save(arch, recipe)
+        # a module trained in full is not also adapted (PEFT refuses both on one module); ftl's
+        # trainer passes PEFT this exact target list, so 'all-linear' means the same in both
+        targets = tuple((b, l) for b, l in lora_targets(arch, recipe.lora.target_modules)
+                        if not any(l.name.endswith(n) for n in save))
         r = recipe.lora.r
         adapter = sum(b.count * r * (l.in_features + l.out_features) for b, l in targets)
         layer_targets = [l for b, l in targets if b.name == "layer"]
         if layer_targets:
             lowest = 0
-        save = modules_to_save(arch, recipe)
         for b, l in arch.linears():
             # PEFT matches modules_to_save by a plain suffix: 'classifier' also catches 'pre_classifier'
             if any(l.name.endswith(n) for n in save):
