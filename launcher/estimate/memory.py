@@ -28,8 +28,6 @@ MiB = 1024**2
 CUDA_CONTEXT_BYTES = 512 * MiB
 FRAGMENTATION_FRACTION = 0.10  # of transient bytes (activations, logits, step temporaries)
 FRAGMENTATION_FLOOR = 128 * MiB
-DDP_BUCKET_BYTES = 25 * MiB  # torch DDP's default bucket_cap_mb, fp32, two buckets in flight
-ZERO_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce/allgather bucket sizes (elements)
 SHARDED_STRATEGIES = {"zero1", "zero2", "zero3", "fsdp"}
 
 
@@ -48,8 +46,7 @@ class MemoryEstimate:
         return self.peak_allocated + self.overhead
 
 
-def overhead_bytes(states: StateBytes, acts: ActivationBytes, strategy: str, world_size: int, on_gpu: bool,
-                   trainable: int) -> dict[str, int]:
+def overhead_bytes(states: StateBytes, acts: ActivationBytes, on_gpu: bool) -> dict[str, int]:
     if not on_gpu:
         return {}
     transient = acts.saved + acts.logits + states.step_temp
@@ -57,12 +54,8 @@ def overhead_bytes(states: StateBytes, acts: ActivationBytes, strategy: str, wor
         "CUDA context": CUDA_CONTEXT_BYTES,
         "allocator slack": max(FRAGMENTATION_FLOOR, int(FRAGMENTATION_FRACTION * transient)),
     }
-    if world_size > 1:
-        if strategy == "ddp":
-            lines["communication buffers"] = min(2 * DDP_BUCKET_BYTES, 4 * trainable)
-        elif strategy in SHARDED_STRATEGIES:
-            # DeepSpeed/FSDP collective buffers, bounded by the (trainable) model size they stage
-            lines["communication buffers"] = min(2 * 2 * ZERO_BUCKET_ELEMENTS // 10, 4 * trainable)
+    # collective buffers (DDP buckets, ZeRO reduce buckets, FSDP reduce-scatter) are counted in
+    # the gradients line by states.py, where they can be checked against a real run
     return lines
 
 
@@ -79,9 +72,10 @@ def memory_estimate(
     s = state_bytes(arch, params, recipe, strategy, world_size, gpus_per_node)
     a = activation_bytes(arch, params, recipe)
     base = s.weights + s.optimizer
-    # gradients outlive the backward when micro-batches accumulate into them, and ZeRO-2/3 and FSDP
-    # keep their gradient partitions allocated for the whole run
-    grads_kept = s.gradients if (recipe.train.grad_accum > 1 or strategy in SHARDED_STRATEGIES - {"zero1"}) else 0
+    # gradients that outlive the backward: accumulation across micro-batches, and the partitions and
+    # buckets ZeRO/FSDP keep allocated for the whole run (states.py decides per strategy)
+    # (under DDP, accumulating micro-batches keep every .grad alive between them)
+    grads_kept = s.gradients if (recipe.train.grad_accum > 1 and strategy == "ddp") else s.gradients_kept
     copies = a.detail.get("autocast weight copies", 0)  # 16-bit casts of fp32 weights kept for backward
     copies_fwd = a.detail.get("autocast weight copies (forward)", copies)
     logits_fwd = a.detail.get("logits (forward peak)", a.logits)
@@ -92,7 +86,7 @@ def memory_estimate(
         "optimizer step": base + s.gradients + s.step_temp,
     }
     peak_phase = max(phases, key=phases.__getitem__)
-    over = overhead_bytes(s, a, strategy, world_size, on_gpu, s.gradients)
+    over = overhead_bytes(s, a, on_gpu)
     return MemoryEstimate(
         states=s,
         acts=a,

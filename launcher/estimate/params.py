@@ -137,3 +137,16 @@ def plan_params(arch: Arch, recipe: Recipe) -> ParamPlan:
         lowest_trainable_layer=lowest,
         embeddings_train=embeddings_train,
     )
+
+
+def peft_target_modules(params: ParamPlan) -> list[str]:
+    """The explicit target list the trainer gives PEFT, so that PEFT adapts exactly what was estimated.
+
+    PEFT's own 'all-linear' also wraps MoE routers and fused experts and clashes with modules_to_save;
+    expanding it here keeps the estimate and the run in step.
+    """
+    names: list[str] = []
+    for _, lin in params.lora_targets:
+        if lin.name not in names:
+            names.append(lin.name)
+    return names

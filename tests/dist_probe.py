@@ -1,0 +1,366 @@
+"""One training step of a tiny Llama in a real multi-process world; each rank reports what it holds.
+
+Launched by tests/test_sharding.py through `accelerate launch` (2 processes, gloo, CPU). Each rank
+writes `<out>/rank<R>.json` with the bytes of its local parameter shard, gradient shard, optimizer
+state, DeepSpeed fp32 master partition and DeepSpeed's gradient buffers, measured at the points
+where they are all alive (the entry of the inner optimizer's step), plus every tensor storage the
+process holds at each phase attributed to the object that owns it (for debugging).
+
+Launch lines that really give a 2-process world on the CPU (Accelerate 1.15):
+  DeepSpeed: `accelerate launch --config_file ds.yaml dist_probe.py ...` with
+             InitProcessGroupKwargs(backend="gloo") and no cpu flag (cpu=True silently falls back to DDP).
+  FSDP2:     `accelerate launch --config_file fsdp2.yaml dist_probe.py ...` with Accelerator(cpu=True)
+             and the state patch below (Accelerate never switches a CPU world to FSDP by itself).
+  DDP:       `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 dist_probe.py ...`.
+The script asserts world size 2 and the distributed type inside the process: every wrong variant
+of these lines exits 0 with a silent single-process or DDP run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+
+def parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"], required=True)
+    ap.add_argument("--method", choices=["full", "lora"], default="full")
+    ap.add_argument("--model-dir", required=True, help="folder with the tiny model's config.json")
+    ap.add_argument("--lora-r", type=int, default=8)
+    ap.add_argument("--lora-targets", default="q_proj,v_proj")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--local_rank", type=int, default=-1)
+    return ap.parse_args()
+
+
+def make_accelerator(strategy: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    if strategy == "fsdp":
+        from accelerate import FullyShardedDataParallelPlugin
+        from accelerate.state import PartialState
+
+        plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* env set by `accelerate launch`
+        acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+        acc.state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        acc.state.fsdp_plugin = plugin
+        if acc.mixed_precision != "no":  # Accelerate skips this on the CPU: bf16 would be silently ignored
+            plugin.set_mixed_precision(acc.mixed_precision)
+        want = DistributedType.FSDP
+    elif strategy == "ddp":
+        acc = Accelerator(cpu=True)
+        want = DistributedType.MULTI_CPU
+    else:
+        acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        want = DistributedType.DEEPSPEED
+    assert acc.num_processes == 2, f"world size {acc.num_processes}, not 2 ({acc.distributed_type})"
+    assert dist.is_initialized() and dist.get_world_size() == 2, "torch.distributed world is not 2"
+    assert acc.distributed_type == want, f"distributed_type {acc.distributed_type}, wanted {want}"
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# What a process holds
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _storage(t: torch.Tensor):
+    t = _local(t)
+    if t.device.type == "meta":
+        return None
+    s = t.untyped_storage()
+    return s if s.nbytes() else None
+
+
+def live_storages() -> dict[int, tuple[int, str, tuple]]:
+    """Every tensor storage reachable from Python objects (gc), deduplicated."""
+    seen: dict[int, tuple[int, str, tuple]] = {}
+    for o in gc.get_objects():
+        try:
+            if torch.is_tensor(o):
+                s = _storage(o)
+                if s is not None:
+                    seen[s.data_ptr()] = (s.nbytes(), str(o.dtype), tuple(o.shape))
+        except Exception:  # noqa: BLE001 - some tensor subclasses refuse storage access
+            pass
+    return seen
+
+
+def attribute(roots: dict, max_depth: int = 7) -> dict[int, tuple[int, str, str]]:
+    """storage ptr -> (bytes, first attribute path that reaches it, dtype), walking object attributes."""
+    found: dict[int, tuple[int, str, str]] = {}
+    seen: set[int] = set()
+    queue = [(v, k, 0) for k, v in roots.items()]
+    mods = ("deepspeed", "torch", "accelerate", "bitsandbytes", "peft", "transformers")
+    while queue:
+        obj, path, depth = queue.pop(0)
+        if obj is None or id(obj) in seen or depth > max_depth:
+            continue
+        seen.add(id(obj))
+        if torch.is_tensor(obj):
+            try:
+                s = _storage(obj)
+            except Exception:  # noqa: BLE001
+                s = None
+            if s is not None and s.data_ptr() not in found:
+                found[s.data_ptr()] = (s.nbytes(), path, str(obj.dtype))
+            for k, v in getattr(obj, "__dict__", {}).items():
+                queue.append((v, f"{path}.{k}", depth + 1))
+            if isinstance(obj, torch.nn.Parameter) and obj.grad is not None:
+                queue.append((obj.grad, f"{path}.grad", depth + 1))
+            continue
+        if isinstance(obj, torch.nn.Module):
+            for n, p in obj.named_parameters(recurse=False):
+                queue.append((p, f"{path}.{n}", depth + 1))
+            for n, b in obj.named_buffers(recurse=False):
+                queue.append((b, f"{path}.{n}", depth + 1))
+            for n, c in obj.named_children():
+                queue.append((c, f"{path}.{n}", depth))
+            for k, v in vars(obj).items():
+                if k not in ("_parameters", "_buffers", "_modules") and not isinstance(v, torch.nn.Module):
+                    queue.append((v, f"{path}.{k}", depth + 1))
+            continue
+        if isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                queue.append((v, f"{path}[]", depth + 1))
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                queue.append((v, f"{path}[{k if isinstance(k, (str, int)) else type(k).__name__}]", depth + 1))
+                if torch.is_tensor(k):
+                    queue.append((k, f"{path}<key>", depth + 1))
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.split(".")[0] in mods:
+            for k, v in vars(obj).items():
+                queue.append((v, f"{path}.{k}", depth + 1))
+    return found
+
+
+def summarize(found: dict[int, tuple[int, str, str]], depth: int = 2) -> dict[str, list]:
+    agg: dict[str, list] = defaultdict(lambda: [0, set()])
+    for nbytes, path, dtype in found.values():
+        key = ".".join(re.sub(r"\[[^\]]*\]", "[]", path).split(".")[:depth])
+        agg[key][0] += nbytes
+        agg[key][1].add(dtype)
+    return {k: [v[0], sorted(v[1])] for k, v in sorted(agg.items())}
+
+
+def snapshot(roots: dict) -> dict:
+    live = live_storages()
+    found = attribute(roots)
+    other = [list(v) for p, v in live.items() if p not in found]
+    return {
+        "live_bytes": sum(v[0] for v in live.values()),
+        "by_owner": summarize(found),
+        "unowned": sorted(other, key=lambda v: -v[0])[:10],
+    }
+
+
+def _flat(ts):
+    for t in ts:
+        if isinstance(t, (list, tuple)):
+            yield from _flat(t)
+        elif torch.is_tensor(t):
+            yield t
+
+
+def nbytes(ts) -> int:
+    """Bytes of the unique storages behind a list of tensors (views of one buffer count once)."""
+    seen: dict[int, int] = {}
+    for t in _flat(ts):
+        if t is None:
+            continue
+        s = _storage(t)
+        if s is not None:
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def elem_bytes(ts) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in _flat(ts))
+
+
+def inner_optimizer(opt):
+    o = opt
+    while not isinstance(o, torch.optim.Optimizer) or type(o).__module__.startswith(("accelerate", "deepspeed")):
+        nxt = getattr(o, "optimizer", None)
+        if nxt is None or nxt is o:
+            break
+        o = nxt
+    return o
+
+
+def optimizer_state_bytes(o) -> tuple[int, list[str]]:
+    total, dtypes = 0, set()
+    for st in o.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and _local(v).dim() > 0:  # 0-d `step` counters live on the host
+                v = _local(v)
+                total += v.numel() * v.element_size()
+                dtypes.add(str(v.dtype))
+    return total, sorted(dtypes)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse()
+    acc = make_accelerator(args.strategy)
+    rank = acc.process_index
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bf16 = acc.mixed_precision == "bf16"
+    cfg = LlamaConfig.from_pretrained(args.model_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)  # fp32: full fine-tuning keeps fp32 weights; DeepSpeed/FSDP cast for compute
+    if args.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        if bf16:
+            model = model.to(torch.bfloat16)  # ftl loads the frozen base in the compute dtype
+        lcfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                          target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lcfg)  # adapters upcast to fp32 (autocast_adapter_dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    report: dict = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "backend": dist.get_backend(),
+        "distributed_type": str(acc.distributed_type),
+        "mixed_precision": acc.mixed_precision,
+        "strategy": args.strategy,
+        "method": args.method,
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "params_trainable": sum(p.numel() for p in trainable),
+    }
+    opt = torch.optim.AdamW(trainable, lr=1e-3)  # foreach is not the default on the CPU: no matter here
+    data = torch.randint(0, cfg.vocab_size, (args.batch * 2, args.seq), generator=torch.Generator().manual_seed(1))
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=args.batch)
+    model, opt, dl = acc.prepare(model, opt, dl)
+    engine_opt = getattr(model, "optimizer", None)  # DeepSpeed's ZeRO optimizer
+    base = inner_optimizer(opt)
+    report["optimizer_chain"] = [type(opt).__name__, type(engine_opt).__name__, type(base).__name__]
+
+    def roots() -> dict:
+        return {"zero": engine_opt, "opt": base, "model": model}
+
+    def param_view() -> dict:
+        out = {"local_bytes": 0, "full_resident_bytes": 0, "storage_bytes": 0, "dtypes": set(), "persistent_params": 0}
+        local = []
+        for p in model.parameters():
+            if hasattr(p, "ds_tensor"):  # ZeRO-3 partition; p.data is empty unless gathered or persistent
+                local.append(p.ds_tensor)
+                if getattr(p, "ds_persist", False):
+                    out["persistent_params"] += p.ds_numel
+                    out["full_resident_bytes"] += p.data.numel() * p.data.element_size()
+                out["dtypes"].add(str(p.ds_tensor.dtype))
+            else:
+                local.append(_local(p))
+                out["dtypes"].add(str(p.dtype))
+        out["local_bytes"] = elem_bytes(local)
+        out["storage_bytes"] = nbytes(local)
+        out["dtypes"] = sorted(out["dtypes"])
+        return out
+
+    def ds_buffers() -> dict:
+        """DeepSpeed's own model-state tensors (0 outside DeepSpeed)."""
+        z = engine_opt
+        if z is None or args.strategy not in ("zero1", "zero2", "zero3"):
+            return {}
+        out = {}
+        if args.strategy in ("zero1", "zero2"):
+            out["master"] = nbytes(z.single_partition_of_fp32_groups)
+            out["master_grad"] = nbytes([t.grad for t in z.single_partition_of_fp32_groups])
+            grads = [g for gs in getattr(z, "averaged_gradients", {}).values() if gs for g in gs]
+            out["grad_partition"] = elem_bytes(grads)
+            out["grad_partition_storage"] = nbytes(grads)
+            out["grads_in_partition"] = nbytes([getattr(z, "grads_in_partition", None)])
+            buckets = getattr(z, "ipg_buckets", {})
+            out["ipg_buffers"] = nbytes([getattr(b, "buffer", None) for b in buckets.values()])
+        else:
+            out["master"] = nbytes(z.fp32_partitioned_groups_flat)
+            out["master_grad"] = nbytes([t.grad for t in z.fp32_partitioned_groups_flat])
+            out["grad_partition"] = nbytes([z.grad_partitions_flat_buffer])
+            out["ipg_buffers"] = nbytes([getattr(b, "buffer", None) for b in z.ipg_buckets.values()])
+            out["lp_partition_flat"] = nbytes(z.fp16_partitioned_groups_flat)
+        return out
+
+    def grad_view() -> dict:
+        gs = [p.grad for p in model.parameters() if p.grad is not None]
+        return {"bytes": elem_bytes(gs), "dtypes": sorted({str(g.dtype) for g in gs})}
+
+    at_step: dict = {}
+
+    def wrap_step(o, key):
+        inner = o.step
+
+        def step(*a, **k):
+            at_step[key] = {
+                "params": param_view(),
+                "grads": grad_view(),
+                "ds": ds_buffers(),
+                "memory": snapshot(roots()),
+            }
+            return inner(*a, **k)
+
+        o.step = step
+
+    if engine_opt is not None and hasattr(engine_opt, "independent_gradient_partition_epilogue"):
+        # ZeRO-1/2: the end of backward, before DeepSpeed releases its reduce buckets
+        inner_epi = engine_opt.independent_gradient_partition_epilogue
+
+        def epilogue(*a, **k):
+            at_step["backward_end"] = {"ds": ds_buffers(), "memory": snapshot(roots())}
+            return inner_epi(*a, **k)
+
+        engine_opt.independent_gradient_partition_epilogue = epilogue
+    wrap_step(base, "inner_step")  # gradients (incl. DeepSpeed's fp32 partition grads) all alive here
+    if engine_opt is not None and engine_opt is not base:
+        wrap_step(engine_opt, "zero_step")
+
+    report["after_prepare"] = {"params": param_view(), "ds": ds_buffers(), "memory": snapshot(roots())}
+    model.train()
+    (x,) = next(iter(dl))
+    out = model(input_ids=x, labels=x)
+    acc.backward(out.loss)  # under DeepSpeed this also runs the engine's step
+    loss = out.loss.detach().float()
+    del out
+    report["after_backward"] = {"params": param_view(), "grads": grad_view(), "ds": ds_buffers()}
+    opt.step()
+    opt.zero_grad()
+    report.update(at_step)
+    state, dtypes = optimizer_state_bytes(base)
+    report["after_step"] = {
+        "params": param_view(),
+        "ds": ds_buffers(),
+        "optimizer_state_bytes": state,
+        "optimizer_state_dtypes": dtypes,
+        "memory": snapshot(roots()),
+    }
+    mean = acc.reduce(loss.clone(), reduction="mean")
+    report["loss"] = [loss.item(), mean.item()]
+    assert torch.isfinite(mean), "non-finite loss"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
