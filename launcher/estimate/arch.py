@@ -130,6 +130,17 @@ def _head_block(cfg: dict[str, Any], hidden: int, vocab: int, head: Head, num_la
     return Block("head", 1, (Linear("lm_head", hidden, vocab),))
 
 
+def _make(cfg: dict[str, Any], head: Head, num_labels: int, **fields: Any) -> Arch:
+    """An Arch with the defaults every family shares (dense, decoder, published dtype)."""
+    fields.setdefault("kv_heads", fields["heads"])
+    fields.setdefault("head_dim", fields["hidden"] // fields["heads"])
+    fields.setdefault("num_experts", 0)
+    fields.setdefault("experts_per_token", 0)
+    fields.setdefault("encoder", False)
+    fields.setdefault("gated_mlp", False)
+    return Arch(head=head, num_labels=num_labels, dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")), **fields)
+
+
 def _llama_like(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
     mt = cfg["model_type"]
     h = cfg["hidden_size"]
@@ -183,7 +194,10 @@ def _llama_like(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
     if mt in {"qwen3", "olmo2"}:  # per-head q/k norms
         other["qk_norms"] = 2 * hd if mt == "qwen3" else (n_heads + kv) * hd
 
-    return Arch(
+    return _make(
+        cfg,
+        head,
+        num_labels,
         model_type=mt,
         hidden=h,
         layers=layers,
@@ -194,13 +208,9 @@ def _llama_like(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
         vocab=vocab,
         max_positions=int(_get(cfg, "max_position_embeddings", default=4096)),
         gated_mlp=True,
-        encoder=False,
         tie_embeddings=tie and head == "causal_lm",
-        head=head,
-        num_labels=num_labels,
         num_experts=experts,
         experts_per_token=per_tok,
-        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
         blocks=(
             Block("embeddings", 1, other={"embed_tokens": vocab * h}),
             Block("layer", layers, attn + mlp, other, expert_params),
@@ -224,24 +234,18 @@ def _gpt2(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
         Linear("mlp.c_proj", inter, h, True),
     )
     tie = bool(cfg.get("tie_word_embeddings", True))
-    return Arch(
+    return _make(
+        cfg,
+        head,
+        num_labels,
         model_type="gpt2",
         hidden=h,
         layers=layers,
         heads=n_heads,
-        kv_heads=n_heads,
-        head_dim=h // n_heads,
         intermediate=inter,
         vocab=vocab,
         max_positions=pos,
-        gated_mlp=False,
-        encoder=False,
         tie_embeddings=tie and head == "causal_lm",
-        head=head,
-        num_labels=num_labels,
-        num_experts=0,
-        experts_per_token=0,
-        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
         blocks=(
             Block("embeddings", 1, other={"wte": vocab * h, "wpe": pos * h}),
             Block("layer", layers, layer, {"norms": 4 * h}),
@@ -265,24 +269,19 @@ def _bert(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
         Linear("intermediate.dense", h, inter, True),
         Linear("output.dense", inter, h, True),
     )
-    return Arch(
+    return _make(
+        cfg,
+        head,
+        num_labels,
         model_type="bert",
         hidden=h,
         layers=cfg.get("num_hidden_layers", 12),
         heads=cfg.get("num_attention_heads", 12),
-        kv_heads=cfg.get("num_attention_heads", 12),
-        head_dim=h // cfg.get("num_attention_heads", 12),
         intermediate=inter,
         vocab=vocab,
         max_positions=pos,
-        gated_mlp=False,
         encoder=True,
         tie_embeddings=False,
-        head=head,
-        num_labels=num_labels,
-        num_experts=0,
-        experts_per_token=0,
-        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
         blocks=(
             Block("embeddings", 1, other={"word": vocab * h, "position": pos * h, "token_type": types * h, "norm": 2 * h}),
             Block("layer", cfg.get("num_hidden_layers", 12), layer, {"norms": 4 * h}),
@@ -306,24 +305,19 @@ def _distilbert(cfg: dict[str, Any], head: Head, num_labels: int) -> Arch:
         Linear("ffn.lin1", h, inter, True),
         Linear("ffn.lin2", inter, h, True),
     )
-    return Arch(
+    return _make(
+        cfg,
+        head,
+        num_labels,
         model_type="distilbert",
         hidden=h,
         layers=cfg.get("n_layers", 6),
         heads=n_heads,
-        kv_heads=n_heads,
-        head_dim=h // n_heads,
         intermediate=inter,
         vocab=vocab,
         max_positions=pos,
-        gated_mlp=False,
         encoder=True,
         tie_embeddings=False,
-        head=head,
-        num_labels=num_labels,
-        num_experts=0,
-        experts_per_token=0,
-        dtype=str(_get(cfg, "torch_dtype", "dtype", default="float32")),
         blocks=(
             Block("embeddings", 1, other={"word": vocab * h, "position": pos * h, "norm": 2 * h}),
             Block("layer", cfg.get("n_layers", 6), layer, {"norms": 4 * h}),
