@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher import __version__
@@ -31,7 +32,7 @@ NodesOpt = typer.Option(None, "--nodes", help="Number of nodes.")
 
 
 def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -188,6 +189,341 @@ def list_gpus(as_json: bool = typer.Option(False, "--json")) -> None:
         t.add_row(r["key"], r["name"], gib(r["memory_bytes"]), f"{r['bf16_tflops']:g}", f"{r['memory_bandwidth_gbps']:g}",
                   f"{r['intra_node_bandwidth_gbps']:g} ({r['intra_node_link']})")
     console.print(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# launching and runs
+
+
+def _launch_summary(p) -> dict[str, Any]:
+    r, plan = p.recipe, p.plan
+    e = plan.estimate or {}
+    pd = e.get("per_device") or {}
+    return {
+        "run_id": p.run.id,
+        "run_dir": str(p.run.dir),
+        "recipe": r.name,
+        "model": r.model,
+        "method": r.method,
+        "task": r.task,
+        "data": r.data.path,
+        "strategy": plan.strategy,
+        "device": plan.device,
+        "world_size": plan.world_size,
+        "nodes": plan.nodes,
+        "gpus_per_node": plan.gpus_per_node,
+        "precision": r.train.precision,
+        "micro_batch_size": r.train.micro_batch_size,
+        "grad_accum": r.train.grad_accum,
+        "global_batch": r.train.micro_batch_size * r.train.grad_accum * plan.world_size,
+        "max_steps": r.train.max_steps,
+        "epochs": r.train.epochs,
+        "resume_from": str(p.resume_from) if p.resume_from else None,
+        "peak_bytes": pd.get("peak_bytes"),
+        "fits": e.get("fits"),
+        "steps": e.get("steps"),
+        "step_time_s": e.get("step_time_s"),
+        "warnings": p.warnings or [],
+    }
+
+
+def _estimate_line(s: dict[str, Any]) -> str:
+    if s["peak_bytes"] is None:
+        return "estimate: (recorded in plan.json at the first launch)"
+    fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "fits: unknown (no GPU)"}[s["fits"]]
+    steps = "unknown" if s["steps"] is None else f"{s['steps']:,}"
+    return (f"estimate: peak {gib(s['peak_bytes'])} per device, {fits}; {steps} optimizer steps, "
+            f"step time {duration(s['step_time_s'])}")
+
+
+def _show_plain(title: str, text: str) -> None:
+    console.print(f"[bold]{title}[/]")
+    console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+
+def render_dry_run(p) -> None:
+    s = _launch_summary(p)
+    console.print(f"[bold]{escape(s['recipe'])}[/]: {escape(s['model'])} · {s['method']} · {s['task']} · data {escape(str(s['data']))}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"{s['strategy']} · {s['world_size']} process(es) on {s['device']} ({s['nodes']} node × "
+                  f"{s['gpus_per_node']}) · {s['precision']} · micro-batch {s['micro_batch_size']} × grad-accum "
+                  f"{s['grad_accum']} × {s['world_size']} = global batch {s['global_batch']}"
+                  + (f" · max_steps {s['max_steps']}" if s["max_steps"] else f" · epochs {s['epochs']:g}"),
+                  highlight=False, soft_wrap=True)
+    console.print(_estimate_line(s), soft_wrap=True)
+    for w in s["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    for name in ("accelerate.yaml", "deepspeed.json", "command.sh"):
+        if name in p.files:
+            _show_plain(name, p.files[name])
+    _show_plain("environment set for the launch", "\n".join(f"{k}={v}" for k, v in p.spec.env.items()) or "(none)")
+    if p.spec.unset:
+        _show_plain("removed from the inherited environment", " ".join(p.spec.unset))
+    verb = "would continue in" if p.resume_from else "would create"
+    console.print(f"dry run: {verb} {s['run_dir']}" + (f" from {s['resume_from']}" if s["resume_from"] else "")
+                  + "; nothing was started or written", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def launch(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (omit with --resume)."),
+    cluster: Optional[Path] = ClusterOpt,
+    nodes: Optional[int] = NodesOpt,
+    gpus_per_node: Optional[int] = GpusOpt,
+    sets: Optional[list[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan, configs, command and run dir; start and write nothing."),
+    force: bool = typer.Option(False, "--force", help="Launch even if the estimate says it does not fit."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue RUN (an id or run dir) from its newest complete checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run plan, or the final state) instead of text."),
+) -> None:
+    """Check, plan and run RECIPE on this machine; the run lives in runs/<run id>/.
+
+    Example: ftl launch recipes/smoke.yaml --gpus-per-node 2 --set parallel.strategy=zero3
+    """
+    from launcher.backends import get_backend
+    from launcher.recipe import load_recipe
+    from launcher.runs import prepare_launch, prepare_resume, render_files, write_run
+
+    try:
+        if resume is not None:
+            if recipe is not None or sets or cluster or nodes or gpus_per_node:
+                raise FtlError("--resume continues a run with the recipe and plan it recorded; drop RECIPE, --set, "
+                               "--cluster, --nodes and --gpus-per-node (start a new run to change them)")
+            p = prepare_resume(resume)
+        else:
+            if recipe is None:
+                raise FtlError("give a recipe (ftl launch recipes/smoke.yaml) or --resume RUN")
+            r = load_recipe(recipe, sets=sets, cluster=cluster, gpus_per_node=gpus_per_node, nodes=nodes)
+            p = prepare_launch(r, force=force)
+        render_files(p)
+        if dry_run:
+            if as_json:
+                out = {"dry_run": True, **_launch_summary(p), "plan": p.plan.to_json(), "files": p.files,
+                       "command": p.spec.argv, "env": p.spec.env, "unset": p.spec.unset}
+                sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+            else:
+                render_dry_run(p)
+            return
+        backend = get_backend(p.recipe.cluster.provider, echo=not as_json)
+        if not as_json:
+            for w in p.warnings or []:
+                err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        run = write_run(p)
+        if not as_json:
+            verb = f"resuming {run.id} from {p.resume_from.name}" if p.resume_from else f"run {run.id}"
+            err_console.print(f"[bold]{verb}[/]: {p.plan.strategy} · {p.plan.world_size} process(es) on "
+                              f"{p.plan.device} · log {escape(str(run.log_path))}", highlight=False, soft_wrap=True)
+        handle = backend.launch(run, resume_from=str(p.resume_from) if p.resume_from else None, spec=p.spec, secrets=p.secrets)
+        status = backend.wait(handle)
+    except FtlError as e:
+        _fail(e)
+    except KeyboardInterrupt:  # before the run started (afterwards wait() forwards Ctrl-C to it)
+        err_console.print("interrupted", highlight=False)
+        raise typer.Exit(130)
+    st = run.state()
+    if as_json:
+        sys.stdout.write(json.dumps(st, indent=2) + "\n")
+    if status == "completed":
+        if not as_json:
+            ckpt = run.newest_checkpoint()
+            err_console.print(f"[green]run {run.id} completed[/]: {escape(str(run.dir))}"
+                              + (f" (last checkpoint {ckpt.name})" if ckpt else ""), highlight=False, soft_wrap=True)
+        return
+    if status == "stopped":
+        ckpt = run.newest_checkpoint()
+        err_console.print(f"[yellow]run {run.id} stopped[/]; "
+                          + (f"continue it with: ftl launch --resume {run.id}" if ckpt else "it left no complete checkpoint"),
+                          highlight=False)
+        raise typer.Exit(128 + int(handle.stop_signal or 15))
+    _fail(FtlError(f"run {run.id} failed (exit code {st.get('returncode')}); log: {run.log_path}"))
+
+
+def _run_row(run) -> dict[str, Any]:
+    from launcher.runs import effective_status
+
+    try:
+        st = run.state()
+        status = effective_status(run)
+        m = run.last_metrics() or {}
+        res = run.result() or {}
+    except FtlError:  # a damaged state.json/result.json: list the run anyway
+        return {"id": run.id, "status": "unreadable", "recipe": None, "started": None, "ended": None, "step": None,
+                "loss": None, "dir": str(run.dir)}
+    step = m.get("step", res.get("global_step", res.get("steps")))
+    return {"id": run.id, "status": status, "recipe": st.get("recipe"), "started": st.get("started"),
+            "ended": st.get("ended"), "step": step, "loss": m.get("loss"), "dir": str(run.dir)}
+
+
+@app.command("runs")
+def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List runs (from the run directories under ./runs or $FTL_RUNS_DIR)."""
+    from launcher.runs import list_runs, runs_root
+
+    try:
+        rows = [_run_row(r) for r in list_runs()]
+    except FtlError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    if not rows:
+        console.print(f"no runs in {runs_root()}", highlight=False, markup=False)
+        return
+    colors = {"completed": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "created": "dim"}
+    t = Table(show_edge=False)
+    t.add_column("id", no_wrap=True, min_width=max(len(r["id"]) for r in rows))  # ids are copied: never cut
+    for col in ("status", "recipe", "started", "steps", "loss"):
+        t.add_column(col, justify="right" if col in ("steps", "loss") else "left")
+    for r in rows:
+        c = colors.get(r["status"], "white")
+        loss = "" if not isinstance(r["loss"], (int, float)) else f"{r['loss']:.4g}"
+        started = (r["started"] or "")[:16].replace("T", " ")
+        t.add_row(r["id"], f"[{c}]{r['status']}[/]", escape(r["recipe"] or ""), started,
+                  "" if r["step"] is None else str(r["step"]), loss)
+    console.print(t)
+
+
+@app.command("ps")
+def ps(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Same as `ftl runs`."""
+    list_runs_cmd(as_json)
+
+
+def _find(ref: Optional[str]):
+    from launcher.runs import find_run, newest_run, runs_root
+
+    if ref:
+        return find_run(ref)
+    run = newest_run()
+    if run is None:
+        raise FtlError(f"no runs in {runs_root()}; start one with ftl launch RECIPE")
+    return run
+
+
+@app.command()
+def status(
+    run: Optional[str] = typer.Argument(None, help="Run id or directory (default: the newest run)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Status of a run: state, plan, progress, newest complete checkpoint, result."""
+    from launcher.backends import get_backend
+
+    try:
+        r = _find(run)
+        st = get_backend(r.state().get("backend") or "local").status(r)
+        plan = r.plan()
+        ckpt = r.newest_checkpoint()
+        out = {"state": st, "dir": str(r.dir), "strategy": plan.get("strategy"), "device": plan.get("device"),
+               "world_size": plan.get("world_size"), "last_metrics": r.last_metrics(),
+               "checkpoint": str(ckpt) if ckpt else None, "result": r.result(), "log": str(r.log_path)}
+    except FtlError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+        return
+    t = Table(show_edge=False, show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    t.add_row("run", r.id)
+    t.add_row("status", st.get("status", "?") + (f" (exit code {st['returncode']})" if st.get("returncode") not in (None, 0) else ""))
+    if st.get("error"):
+        t.add_row("error", str(st["error"]))
+    t.add_row("recipe", str(st.get("recipe")))
+    t.add_row("plan", f"{out['strategy']} · {out['world_size']} process(es) on {out['device']}")
+    t.add_row("started", str(st.get("started")))
+    t.add_row("ended", str(st.get("ended")))
+    if st.get("pid") and st.get("status") == "running":
+        t.add_row("pid", str(st["pid"]))
+    m = out["last_metrics"]
+    if m:
+        t.add_row("last metrics", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
+    t.add_row("checkpoint", out["checkpoint"] or "none complete")
+    for c in st.get("resumed_from") or []:
+        t.add_row("resumed from", str(c))
+    if out["result"]:
+        t.add_row("result", json.dumps(out["result"], default=str)[:300])
+    t.add_row("dir", out["dir"])
+    t.add_row("log", out["log"])
+    console.print(t, highlight=False)
+
+
+@app.command()
+def logs(
+    run: str = typer.Argument(..., help="Run id or directory."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the run ends."),
+) -> None:
+    """Print a run's launch log (logs/launch.log)."""
+    from launcher.backends import get_backend
+
+    try:
+        r = _find(run)
+        backend = get_backend(r.state().get("backend") or "local")
+        if not r.log_path.is_file() and not follow:
+            raise FtlError(f"run {r.id} has no log yet ({r.log_path})")
+        for line in backend.logs(r, follow=follow):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+    except FtlError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+
+
+@app.command()
+def stop(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
+    """Ask a running run to save a checkpoint and stop (SIGTERM to its launcher)."""
+    from launcher.backends import get_backend
+
+    try:
+        r = _find(run)
+        ok = get_backend(r.state().get("backend") or "local").cancel(r)
+    except FtlError as e:
+        _fail(e)
+    if not ok:
+        _fail(FtlError(f"run {r.id} is not running"))
+    err_console.print(f"asked run {r.id} to stop; continue it later with: ftl launch --resume {r.id}", highlight=False)
+
+
+def _train_helper(module: str, name: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"launcher.train.{module}"), name)
+    except (ImportError, AttributeError) as e:
+        raise FtlError(f"launcher.train.{module}.{name} is not available in this install ({e})") from None
+
+
+@app.command()
+def merge(
+    run: str = typer.Argument(..., help="Run id or directory."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model (default: RUN/merged)."),
+) -> None:
+    """Merge a run's LoRA adapter into its base model (a plain transformers folder)."""
+    try:
+        r = _find(run)
+        merge_run = _train_helper("merge", "merge_run")
+
+        path = merge_run(r.dir, out or r.dir / "merged")
+    except FtlError as e:
+        _fail(e)
+    console.print(f"merged model: {path}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def generate(
+    run: str = typer.Argument(..., help="Run id or directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
+) -> None:
+    """Generate text with a run's trained model (output/)."""
+    try:
+        r = _find(run)
+        run_generate = _train_helper("generate", "generate")
+
+        text = run_generate(r.dir, prompt, max_new_tokens=max_new_tokens)
+    except FtlError as e:
+        _fail(e)
+    sys.stdout.write(str(text) + "\n")
 
 
 @app.command()

@@ -1,0 +1,50 @@
+"""Where a run executes. A backend starts the launch command a run directory describes and reports on it
+(the shape of SkyPilot's and submitit's interfaces): `launch(run) -> handle`, `wait(handle)`,
+`status(run)`, `cancel(run)`, `logs(run)`. The run directory is the source of truth: a backend
+writes state.json and logs/launch.log, so `ftl runs/status/logs` work from any later process.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+from launcher.errors import FtlError
+from launcher.runs import Run
+
+
+class Backend(abc.ABC):
+    name: str = "?"
+
+    @abc.abstractmethod
+    def launch(self, run: Run, resume_from: str | None = None) -> Any:
+        """Start the run described by run's directory (command.sh, plan.json); return a handle."""
+
+    @abc.abstractmethod
+    def wait(self, handle: Any) -> str:
+        """Block until the run ends; return its final status (completed, failed or stopped)."""
+
+    @abc.abstractmethod
+    def status(self, run: Run) -> dict[str, Any]:
+        """state.json, with `status` corrected when the processes are gone."""
+
+    @abc.abstractmethod
+    def cancel(self, run: Run) -> bool:
+        """Ask the run to checkpoint and stop; False when it was not running."""
+
+    @abc.abstractmethod
+    def logs(self, run: Run, follow: bool = False) -> Iterator[str]:
+        """The launch log, line by line; with follow, until the run ends."""
+
+
+def get_backend(provider: str, echo: bool = True) -> Backend:
+    """The backend for cluster.provider; echo: copy the run's output to this terminal."""
+    if provider == "local":
+        from launcher.backends.local import LocalBackend
+
+        return LocalBackend(echo=echo)
+    raise FtlError(f"cluster.provider = {provider!r}: launching there is not implemented yet; "
+                   "use the local provider (--cluster cluster/local.yaml), or estimate with `ftl estimate`")
+
+
+__all__ = ["Backend", "get_backend"]

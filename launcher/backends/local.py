@@ -1,0 +1,294 @@
+"""The local backend: the run's launch command as a child process group on this machine.
+
+* The child (`accelerate launch ...`, which starts one trainer process per rank) gets its own session
+  and process group, so a Ctrl-C in the terminal reaches only ftl; ftl forwards it as SIGTERM to the
+  whole group (every rank sees it, checkpoints and stops). A second Ctrl-C kills the group.
+* stdout and stderr of every process are teed into logs/launch.log (escape codes removed, progress
+  redraws collapsed to their last state) and to the terminal unchanged.
+* state.json goes created -> running (pid, pgid, started) -> completed / failed / stopped (ended,
+  returncode). A launch ends only when every process of its group has exited.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Iterator
+
+from launcher.backends import Backend
+from launcher.errors import FtlError
+from launcher.runs import ACTIVE, Run, effective_status, group_alive, utcnow
+
+ANSI_RE = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+GROUP_EXIT_WAIT_S = 150  # after the main child ends, how long to wait for stragglers before SIGKILL
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class LogTee:
+    """Copies bytes to the terminal as they come, and whole cleaned lines to the log file."""
+
+    def __init__(self, log: BinaryIO, echo: BinaryIO | None):
+        self.log, self.echo = log, echo
+        self._partial = b""
+        self._lock = threading.Lock()
+
+    def feed(self, chunk: bytes) -> None:
+        if self.echo is not None:
+            try:
+                self.echo.write(chunk)
+                self.echo.flush()
+            except (OSError, ValueError):
+                self.echo = None  # the terminal went away; keep logging
+        with self._lock:
+            data = self._partial + chunk
+            *lines, self._partial = data.split(b"\n")
+            for line in lines:
+                self.log.write(self.clean(line) + b"\n")
+            if lines:
+                self.log.flush()
+
+    def note(self, text: str) -> None:
+        """A line of ftl's own in the log (between the child's lines)."""
+        with self._lock:
+            self.log.write(text.encode() + b"\n")
+            self.log.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._partial:
+                self.log.write(self.clean(self._partial) + b"\n")
+                self._partial = b""
+            self.log.flush()
+
+    @staticmethod
+    def clean(line: bytes) -> bytes:
+        line = ANSI_RE.sub(b"", line)
+        if b"\r" in line:  # a progress bar redrawn in place: keep what the terminal finally showed
+            parts = [p for p in line.split(b"\r") if p.strip()]
+            line = parts[-1] if parts else b""
+        return line.rstrip()
+
+
+@dataclass
+class LocalHandle:
+    run: Run
+    proc: subprocess.Popen
+    log: BinaryIO
+    tee: LogTee
+    stop_signal: int | None = None
+    killed: bool = False
+    _pump: threading.Thread | None = field(default=None, repr=False)
+
+
+def local_gpu_count() -> int:
+    """NVIDIA GPUs on this machine (nvidia-smi -L), 0 without; FTL_NO_GPU_DETECT=1 forces 0."""
+    import shutil
+
+    if os.environ.get("FTL_NO_GPU_DETECT") or not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def __init__(self, echo: bool = True):
+        self.echo = echo
+
+    # -- start --------------------------------------------------------------------------------
+    def launch(self, run: Run, resume_from: str | None = None, spec: Any = None, secrets: dict[str, str] | None = None) -> LocalHandle:
+        """Start `spec` (a launcher.render.LaunchSpec: what command.sh records) for run."""
+        if spec is None:
+            raise FtlError("the local backend needs the launch spec rendered for the run")
+        run.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(run.log_path, "ab")
+        if log.tell():
+            log.write(f"\n===== ftl: resumed at {utcnow()} from {resume_from} =====\n".encode())
+        log.write(f"$ {spec.shell()}\n".encode())
+        log.flush()
+        env = spec.child_env(secrets=secrets)
+        echo_stream = sys.stdout.buffer if self.echo and hasattr(sys.stdout, "buffer") else None
+        if self.echo and sys.stdout.isatty():
+            # the trainer's rich progress bar draws into our pipe; we pass it through unchanged
+            env.setdefault("FTL_TTY", "1")
+            env.setdefault("TTY_COMPATIBLE", "1")  # rich: draw as on a terminal
+            env.setdefault("TTY_INTERACTIVE", "1")  # rich: live displays (progress bars)
+            try:
+                env.setdefault("COLUMNS", str(os.get_terminal_size().columns))
+            except OSError:
+                pass
+        try:
+            proc = subprocess.Popen(spec.argv, env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            log.write(f"ftl: could not start the launch command: {e}\n".encode())
+            log.close()
+            run.update_state(status="failed", ended=utcnow(), error=f"could not start: {e}", returncode=None)
+            raise FtlError(f"run {run.id}: could not start {spec.argv[0]}: {e}") from None
+        st = run.state()
+        run.update_state(status="running", pid=proc.pid, pgid=proc.pid, launcher_pid=os.getpid(),
+                         started=st.get("started") or utcnow(),
+                         ended=None, returncode=None, error=None)
+        tee = LogTee(log, echo_stream)
+        handle = LocalHandle(run, proc, log, tee)
+        handle._pump = threading.Thread(target=self._pump, args=(handle,), daemon=True)
+        handle._pump.start()
+        return handle
+
+    @staticmethod
+    def _pump(h: LocalHandle) -> None:
+        fd = h.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            h.tee.feed(chunk)
+        h.tee.close()
+
+    # -- wait, forwarding stop signals ----------------------------------------------------------
+    def wait(self, handle: LocalHandle) -> str:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum, _frame):
+            if handle.stop_signal is None:
+                handle.stop_signal = signum
+                self._say(handle, f"ftl: {signal.Signals(signum).name}: asking run {handle.run.id} to save a "
+                                  "checkpoint and stop (again to kill it now)")
+                _killpg(handle.proc.pid, signal.SIGTERM)
+            else:
+                handle.killed = True
+                self._say(handle, f"ftl: killing run {handle.run.id}")
+                _killpg(handle.proc.pid, signal.SIGKILL)
+
+        if main_thread:
+            for s in STOP_SIGNALS:
+                previous[s] = signal.signal(s, on_signal)
+        try:
+            rc = handle.proc.wait()
+            # the launcher may exit before its ranks (a signal): wait for the whole group
+            deadline = time.monotonic() + GROUP_EXIT_WAIT_S
+            while group_alive(handle.proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if group_alive(handle.proc.pid):
+                self._say(handle, f"ftl: processes of run {handle.run.id} still alive {GROUP_EXIT_WAIT_S} s after the "
+                                  "launcher ended; killing them")
+                _killpg(handle.proc.pid, signal.SIGKILL)
+            if handle._pump is not None:
+                handle._pump.join(timeout=30)
+        finally:
+            if main_thread:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+            handle.proc.stdout.close()
+        status = self._final_status(handle, rc)
+        handle.tee.close()
+        handle.log.write(f"===== ftl: run {status} (returncode {rc}) at {utcnow()} =====\n".encode())
+        handle.log.close()
+        error = None
+        if status == "failed":
+            error = f"the launch command exited with {rc}; see {handle.run.log_path}"
+        handle.run.update_state(status=status, returncode=rc, ended=utcnow(), error=error)
+        return status
+
+    @staticmethod
+    def _final_status(h: LocalHandle, rc: int) -> str:
+        if h.stop_signal is not None or h.killed:
+            # stopped on request; a run that still finished its last step counts as completed
+            return "completed" if rc == 0 and h.run.result_path.is_file() else "stopped"
+        if rc == 0:
+            return "completed"
+        if rc < 0 and -rc in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL) and _stop_requested(h.run):
+            return "stopped"
+        return "failed"
+
+    def _say(self, h: LocalHandle, msg: str) -> None:
+        try:
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        try:
+            h.tee.note(msg)
+        except (OSError, ValueError):
+            pass
+
+    # -- other verbs ------------------------------------------------------------------------------
+    def status(self, run: Run) -> dict[str, Any]:
+        status = effective_status(run)
+        st = run.state()
+        st["status"] = status
+        return st
+
+    def cancel(self, run: Run) -> bool:
+        st = run.state()
+        if effective_status(run) not in ACTIVE or not st.get("pgid"):
+            return False
+        run.update_state(stop_requested=utcnow())
+        # the launcher forwards it and records the result
+        if st.get("launcher_pid") and _alive(st["launcher_pid"]):
+            try:
+                os.kill(int(st["launcher_pid"]), signal.SIGTERM)
+                return True
+            except OSError:
+                pass
+        _killpg(int(st["pgid"]), signal.SIGTERM)
+        return True
+
+    def logs(self, run: Run, follow: bool = False, poll_s: float = 0.5) -> Iterator[str]:
+        path = run.log_path
+        if not path.is_file():
+            if not follow:
+                return
+            while not path.is_file():
+                if effective_status(run) not in ACTIVE:
+                    return
+                time.sleep(poll_s)
+        with open(path, "r", errors="replace") as f:
+            buf = ""
+            while True:
+                chunk = f.read()
+                if chunk:
+                    buf += chunk
+                    *lines, buf = buf.split("\n")
+                    yield from lines
+                    continue
+                if not follow or effective_status(run) not in ACTIVE:
+                    rest = f.read()
+                    buf += rest
+                    if rest:
+                        continue
+                    if buf:
+                        yield buf
+                    return
+                time.sleep(poll_s)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    from launcher.runs import pid_alive
+
+    return pid_alive(pid)
+
+
+def _stop_requested(run: Run) -> bool:
+    return bool(run.state().get("stop_requested"))

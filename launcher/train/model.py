@@ -1,0 +1,349 @@
+"""Model and tokenizer for method × task, built the way the estimator assumes (docs/estimation-states.md).
+
+| method | base weights | trains |
+|---|---|---|
+| full | fp32 (bf16/fp16 is autocast, Trainer `bf16=True`) | everything |
+| freeze | compute dtype; the trained modules upcast to fp32 | last k blocks + final norm + head |
+| lora | compute dtype (bf16, or fp32 when precision fp32) | fp32 adapters (PEFT autocast_adapter_dtype) |
+| qlora | NF4 (bitsandbytes, double quant, compute dtype), then `prepare_model_for_kbit_training` | fp32 adapters |
+
+LoRA targets are the explicit list `peft_target_modules(plan_params(arch, recipe))`, never PEFT's
+own 'all-linear', and classification keeps the classifier head trainable (`modules_to_save`).
+
+A local model folder with config.json but no weights gets random weights from `from_config`
+(seeded by train.seed). They are written once to RUN_DIR/init (by the main process) and every rank,
+the DPO reference model, `ftl merge` and `ftl generate` load that same folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.errors import FtlError
+from launcher.recipe import Recipe
+
+log = logging.getLogger("ftl.train")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
+FINAL_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "pooler", "pre_classifier")
+HEAD_NAMES = ("lm_head", "score", "classifier")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    ref: str  # what the recipe says
+    path: str  # local folder or hub id to load from
+    local: bool
+    has_weights: bool
+
+
+def has_weights(folder: Path) -> bool:
+    return any(any(folder.glob(p)) for p in WEIGHT_PATTERNS)
+
+
+def resolve_source(ref: str) -> ModelSource:
+    """A local folder, a catalog name (-> its hub id) or a hub id."""
+    p = Path(ref).expanduser()
+    if (p / "config.json").is_file():
+        return ModelSource(ref, str(p.resolve()), True, has_weights(p))
+    if p.exists() or ref.startswith((".", "/", "~")):
+        raise FtlError(f"model = {ref!r}: {p} has no config.json; point 'model' at a folder saved with save_pretrained")
+    try:
+        from launcher.catalog import _index, models
+
+        key = _index(models(), "hub_id").get(ref.lower())
+        if key and models()[key].get("hub_id"):
+            return ModelSource(ref, models()[key]["hub_id"], False, True)
+    except Exception:  # noqa: BLE001 - the catalog is a convenience here; a hub id still loads
+        pass
+    return ModelSource(ref, ref, False, True)
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    """dtype of the frozen base weights (and of the trained ones for full: fp32)."""
+    if recipe.method == "full":
+        return torch.float32
+    if recipe.method == "qlora":
+        return qlora_compute_dtype(recipe)
+    return DTYPES[recipe.train.precision]
+
+
+def qlora_compute_dtype(recipe: Recipe) -> torch.dtype:
+    """quantization.compute_dtype, except that precision fp32 means fp32 throughout (as the estimate assumes)."""
+    return torch.float32 if recipe.train.precision == "fp32" else DTYPES[recipe.quantization.compute_dtype]
+
+
+def load_tokenizer(src: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path)
+    except (OSError, ValueError) as e:
+        raise FtlError(f"model = {src.ref!r}: no usable tokenizer at {src.path} ({str(e).splitlines()[0][:200]}); "
+                       "save one there with tokenizer.save_pretrained") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise FtlError(f"model = {src.ref!r}: the tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+        log.warning("the tokenizer has no pad token: padding with eos %r", tok.eos_token)
+    return tok
+
+
+def model_class(recipe: Recipe):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
+
+
+def config_kwargs(recipe: Recipe, tokenizer) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    if recipe.task == "classification":
+        label_map = recipe.data.label_map or {str(i): i for i in range(recipe.num_labels)}
+        kw.update(num_labels=recipe.num_labels, label2id=dict(label_map), id2label={int(v): k for k, v in label_map.items()})
+    return kw
+
+
+def load_config(src: ModelSource, recipe: Recipe, tokenizer):
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(src.path, **config_kwargs(recipe, tokenizer))
+    if getattr(cfg, "pad_token_id", None) is None and tokenizer is not None:
+        cfg.pad_token_id = tokenizer.pad_token_id
+    return cfg
+
+
+@contextmanager
+def _without_zero3_init():
+    """Build a model on one process only: ZeRO-3's zero.Init would partition it collectively (and hang)."""
+    import transformers.integrations.deepspeed as hfds
+
+    ref = hfds._hf_deepspeed_config_weak_ref
+    hfds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hfds._hf_deepspeed_config_weak_ref = ref
+
+
+def materialize_random_init(src: ModelSource, recipe: Recipe, tokenizer, run_dir: Path, state) -> str:
+    """The folder to load from: the model itself, or RUN_DIR/init with seeded random weights."""
+    if src.has_weights:
+        return src.path
+    init = run_dir / "init"
+    if state.is_main_process and not has_weights(init):
+        from transformers import set_seed
+
+        log.warning("model folder %s has config.json but no weights: training from RANDOM weights (from_config, "
+                    "seed %d), saved to %s", src.path, recipe.train.seed, init)
+        cfg = load_config(src, recipe, tokenizer)
+        set_seed(recipe.train.seed)
+        with _without_zero3_init():
+            model = model_class(recipe).from_config(cfg, dtype=torch.float32)
+        tmp = run_dir / "init.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(init, ignore_errors=True)
+        os.replace(tmp, init)
+        del model
+    state.wait_for_everyone()
+    if not has_weights(init):
+        raise FtlError(f"{init}: random initial weights were not written (is RUN_DIR shared by all processes?)")
+    return str(init)
+
+
+def _attn(recipe: Recipe, device: str) -> str:
+    attn = recipe.train.attn_implementation
+    if attn == "flash_attention_2" and device != "cuda":
+        log.warning("train.attn_implementation flash_attention_2 needs a CUDA GPU; using sdpa on the %s", device)
+        return "sdpa"
+    return attn
+
+
+def bnb_config(recipe: Recipe, head_names: list[str], sharded: bool):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quantization
+    cd = qlora_compute_dtype(recipe)
+    extra: dict[str, Any] = {}
+    if sharded:  # ZeRO-3 / FSDP flatten every parameter into one dtype: store the packed NF4 bytes as cd
+        extra["bnb_4bit_quant_storage"] = cd
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=cd,
+        llm_int8_skip_modules=list(dict.fromkeys(list(q.skip_modules) + head_names)),  # the head always stays
+        **extra,
+    )
+
+
+def load_base(recipe: Recipe, path: str, tokenizer, *, device: str, strategy: str, local_rank: int = 0):
+    """The base model from `path` in the dtype the method asks for (no adapters yet)."""
+    cls = model_class(recipe)
+    kwargs: dict[str, Any] = dict(dtype=compute_dtype(recipe), attn_implementation=_attn(recipe, device))
+    kwargs.update(config_kwargs(recipe, tokenizer))
+    if recipe.method == "qlora":
+        kwargs["quantization_config"] = bnb_config(recipe, list(HEAD_NAMES), strategy in ("zero3", "fsdp"))
+        if device == "cpu":
+            kwargs["device_map"] = {"": "cpu"}
+        elif strategy not in ("zero3", "fsdp"):
+            kwargs["device_map"] = {"": local_rank}
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if "attn" not in str(e).lower() and "attention" not in str(e).lower():
+            raise
+        log.warning("%s; falling back to eager attention", str(e).splitlines()[0][:200])
+        kwargs["attn_implementation"] = "eager"
+        model = cls.from_pretrained(path, **kwargs)
+    if tokenizer is not None:
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        emb = model.get_input_embeddings()
+        if emb is not None and len(tokenizer) > emb.num_embeddings:
+            if recipe.method == "qlora":
+                raise FtlError(f"the tokenizer has {len(tokenizer)} tokens but the model only {emb.num_embeddings} "
+                               "embeddings; resizing a 4-bit model is not supported")
+            log.warning("resizing the embeddings from %d to the tokenizer's %d tokens", emb.num_embeddings, len(tokenizer))
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.use_cache = False  # no KV cache while training
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# freeze
+
+
+def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
+    """The ModuleList of transformer blocks (the longest one)."""
+    best: tuple[str, torch.nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise FtlError(f"{type(model).__name__}: no list of transformer blocks found for method 'freeze'")
+    return best
+
+
+def freeze_modules(model, recipe: Recipe) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of what method 'freeze' trains: last k blocks, final norm (or pooler/pre-classifier), head."""
+    prefix, blocks = find_blocks(model)
+    k = min(recipe.freeze.trainable_layers, len(blocks))
+    out = [(f"{prefix}.{i}", blocks[i]) for i in range(len(blocks) - k, len(blocks))]
+    for name, mod in model.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if name.startswith(prefix + ".") or name == prefix:
+            continue
+        if short in FINAL_NAMES:
+            out.append((name, mod))
+    if recipe.freeze.train_head:
+        heads = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")]
+        if recipe.task != "classification" or not heads:
+            head = model.get_output_embeddings()
+            heads = [(n, m) for n, m in model.named_modules() if m is head] if head is not None else []
+        out += heads
+    return out
+
+
+def apply_freeze(model, recipe: Recipe) -> list[str]:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = []
+    for name, mod in freeze_modules(model, recipe):
+        names.append(name)
+        for p in mod.parameters():
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()  # trained weights are fp32 masters (autocast casts per op)
+            p.requires_grad_(True)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_config(model, recipe: Recipe):
+    from peft import LoraConfig
+
+    from launcher.estimate.arch import ArchError, arch_from_config
+    from launcher.estimate.params import modules_to_save, peft_target_modules, plan_params
+
+    head = "seq_cls" if recipe.task == "classification" else "causal_lm"
+    try:
+        arch = arch_from_config(model.config.to_dict(), head, recipe.num_labels)  # type: ignore[arg-type]
+        params = plan_params(arch, recipe)
+        targets: Any = peft_target_modules(params)
+        save = modules_to_save(arch, recipe)
+    except (ArchError, KeyError) as e:
+        targets = recipe.lora.target_modules
+        save = list(recipe.lora.modules_to_save) + (["classifier", "score"] if recipe.task == "classification" else [])
+        log.warning("the estimator does not know this architecture (%s); passing target_modules=%r to PEFT as is", e, targets)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    save = [s for s in save if s.rsplit(".", 1)[-1] in present] or None
+    if not targets:
+        raise FtlError(f"lora.target_modules = {recipe.lora.target_modules!r}: matches no linear module of this model")
+    return LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=targets,
+        modules_to_save=save,
+        bias="none",
+        task_type="SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM",
+    )
+
+
+def prepare_for_method(model, recipe: Recipe):
+    """Apply freeze / prepare a 4-bit model; returns (model, LoraConfig or None). Adapters are not attached here."""
+    if recipe.method == "freeze":
+        names = apply_freeze(model, recipe)
+        log.info("freeze: training %s", ", ".join(names))
+        return model, None
+    if recipe.method == "full":
+        return model, None
+    if recipe.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model, lora_config(model, recipe)
+
+
+def attach_adapters(model, peft_config):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)  # adapters in fp32 (autocast_adapter_dtype=True)
+
+
+def upcast_trainable(model) -> int:
+    """Trainable floating parameters back to fp32 (TRL casts QLoRA adapters to bf16; the estimate assumes fp32)."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
+def count_params(model) -> dict[str, int]:
+    total = trainable = 0
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: numel() counts packed bytes
+        n = p.ds_numel if hasattr(p, "ds_numel") else int(torch.Size(qs.shape).numel()) if qs is not None else p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"total": total, "trainable": trainable}
