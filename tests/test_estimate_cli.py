@@ -106,7 +106,10 @@ def test_local_data_is_counted_with_the_local_tokenizer(tmp_path, model_dir):
     data.write_text("\n".join(json.dumps({"instruction": "hello world", "output": "hello"}) for _ in range(10)))
     r = recipe_from_dict({"name": "t", "model": str(d), "data": {"path": str(data), "validation_fraction": 0}})
     e = estimate(r)
-    assert (e.data.examples, e.data.tokens) == (10, 30) and "tokenizer.json" in e.data.source
+    from launcher.train.prompts import alpaca_prompt
+
+    per_example = len(tok.encode(alpaca_prompt({"instruction": "hello world", "input": ""}, None) + "hello").ids)
+    assert (e.data.examples, e.data.tokens) == (10, 10 * per_example) and "tokenizer.json" in e.data.source
     (d / "tokenizer.json").unlink()
     e = estimate(r)
     assert "estimated from characters" in e.data.source
@@ -127,3 +130,10 @@ def test_human_output_renders():
     assert "peak" in res.stdout and "fits" in res.stdout and "step time" in res.stdout
     assert "Llama" in ftl("models").stdout or "llama-3.1-8b" in ftl("models").stdout
     assert "h100-sxm" in ftl("gpus").stdout
+
+
+def test_dpo_full_counts_the_reference_copy():
+    lora = estimate(load_recipe(ROOT / "recipes" / "llama3-1b-dpo.yaml"))
+    full = estimate(load_recipe(ROOT / "recipes" / "llama3-1b-dpo.yaml", sets=["method=full"]))
+    assert "dpo reference model" in full.memory.states.detail and "dpo reference model" not in lora.memory.states.detail
+    assert full.memory.states.weights == 2 * full.memory.states.detail["dpo reference model"]

@@ -217,6 +217,10 @@ def test_smoke_end_to_end(tmp_path):
     assert "run completed (returncode 0)" in log and "\x1b[" not in log
     plan = json.loads(run.plan_path.read_text())
     assert plan["device"] == "cpu" and plan["strategy"] == "ddp" and plan["world_size"] == 1
+    # the estimate's tokens per step (counted from the data with the template) against what TRL fed
+    events = [json.loads(l) for l in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    seen = max(e["num_tokens"] for e in events if "num_tokens" in e) / 6
+    assert plan["estimate"]["tokens_per_step"] == pytest.approx(seen, rel=0.15), (plan["estimate"]["tokens_per_step"], seen)
     # the listing commands read it back
     rows = json.loads(ftl("runs", "--json", runs_dir=runs_dir).stdout)
     assert rows[0]["id"] == run.id and rows[0]["status"] == "completed" and rows[0]["step"] == 6

@@ -47,11 +47,16 @@ def _records(path: Path) -> Iterator[Any]:
         raise ValueError(suffix)
 
 
-def _text_of(rec: Any, columns: dict[str, str]) -> str:
+def _text_of(rec: Any, columns: dict[str, str], template: str | None = None) -> str:
     if isinstance(rec, str):
         return rec
     if not isinstance(rec, dict):
         return str(rec)
+    rec = {ours: rec[theirs] for ours, theirs in columns.items() if theirs in rec} | rec
+    if "instruction" in rec:  # SFT trains on the rendered prompt plus the response
+        from launcher.train.prompts import alpaca_prompt
+
+        return alpaca_prompt(rec, template) + str(rec.get("output") or "")
     wanted = set(columns.values()) | set(TEXT_FIELDS)
     parts: list[str] = []
     for k, v in rec.items():
@@ -70,7 +75,7 @@ def _tokenizer(model_dir: str | None):
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
-def count_local(path: Path, columns: dict[str, str], model_dir: str | None) -> DataSize | None:
+def count_local(path: Path, columns: dict[str, str], model_dir: str | None, template: str | None = None) -> DataSize | None:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     files = [f for f in files if f.suffix.lower() in {".jsonl", ".json", ".csv", ".txt"}]
     if not files:
@@ -83,7 +88,7 @@ def count_local(path: Path, columns: dict[str, str], model_dir: str | None) -> D
     for f in files:
         for rec in _records(f):
             examples += 1
-            text = _text_of(rec, columns)
+            text = _text_of(rec, columns, template)
             if tok is None:
                 chars += len(text)
             else:
@@ -105,7 +110,7 @@ def data_size(recipe: Recipe, model_dir: str | None) -> DataSize:
     if d.num_examples and d.avg_tokens_per_example:
         return DataSize(d.num_examples, math.ceil(d.num_examples * d.avg_tokens_per_example), "recipe num_examples × avg_tokens_per_example")
     if d.path and Path(d.path).exists():
-        counted = count_local(Path(d.path), d.columns, model_dir)
+        counted = count_local(Path(d.path), d.columns, model_dir, d.prompt_template)
         if counted:
             return counted
     if d.num_examples:

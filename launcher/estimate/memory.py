@@ -11,7 +11,7 @@ overhead for what the allocator statistic does not see.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from launcher.catalog import GpuSpec
 from launcher.estimate.activations import ActivationBytes, activation_bytes
@@ -70,6 +70,10 @@ def memory_estimate(
     on_gpu: bool,
 ) -> MemoryEstimate:
     s = state_bytes(arch, params, recipe, strategy, world_size, gpus_per_node)
+    if recipe.task == "dpo" and recipe.method in ("full", "freeze"):
+        # the trainer keeps a frozen copy of the starting model, laid out like the policy, as the
+        # reference (with LoRA the reference is the base with the adapter switched off: no copy)
+        s = replace(s, weights=2 * s.weights, detail={**s.detail, "dpo reference model": s.weights})
     a = activation_bytes(arch, params, recipe)
     base = s.weights + s.optimizer
     # gradients that outlive the backward: accumulation across micro-batches, and the partitions and
