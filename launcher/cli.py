@@ -286,10 +286,11 @@ def launch(
 
     try:
         if resume is not None:
-            if recipe is not None or sets or cluster or nodes or gpus_per_node:
+            if recipe is not None or sets or cluster or nodes:
                 raise FtlError("--resume continues a run with the recipe and plan it recorded; drop RECIPE, --set, "
-                               "--cluster, --nodes and --gpus-per-node (start a new run to change them)")
-            p = prepare_resume(resume)
+                               "--cluster and --nodes (start a new run to change them; --gpus-per-node may change "
+                               "for DDP runs)")
+            p = prepare_resume(resume, gpus_per_node=gpus_per_node)
         else:
             if recipe is None:
                 raise FtlError("give a recipe (ftl launch recipes/smoke.yaml) or --resume RUN")

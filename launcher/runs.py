@@ -576,8 +576,9 @@ def prepare_launch(
     return Prepared(recipe=resolved, plan=plan, estimate=est, run=Run(rid, root_dir / rid), warnings=warnings)
 
 
-def prepare_resume(ref: str | Path, root: str | Path | None = None, skip_data_check: bool = False) -> Prepared:
-    """Continue a run in place from its newest COMPLETE checkpoint."""
+def prepare_resume(ref: str | Path, root: str | Path | None = None, skip_data_check: bool = False,
+                   gpus_per_node: int | None = None) -> Prepared:
+    """Continue a run in place from its newest COMPLETE checkpoint, optionally on another process count."""
     from launcher.recipe import recipe_from_dict
     from launcher.render import Plan
 
@@ -599,9 +600,40 @@ def prepare_resume(ref: str | Path, root: str | Path | None = None, skip_data_ch
     if not plan_d:
         raise FtlError(f"{run.dir}: no plan.json; is this an ftl run directory?")
     plan = Plan.from_json(plan_d)
+    warnings: list[str] = []
+    if gpus_per_node is not None and gpus_per_node != plan.gpus_per_node:
+        warnings.append(_regroup(run.id, recipe, plan, gpus_per_node))
     if not skip_data_check:
         validate_data(recipe)
-    return Prepared(recipe=recipe, plan=plan, estimate=None, run=run, resume_from=ckpt, warnings=[])
+    return Prepared(recipe=recipe, plan=plan, estimate=None, run=run, resume_from=ckpt, warnings=warnings)
+
+
+def _regroup(run_id: str, recipe: Any, plan: Any, gpus_per_node: int) -> str:
+    """Move a resumed run to another number of processes, keeping its global batch (and so its schedule).
+
+    DDP checkpoints hold whole model and optimizer states, so any process count can load them.
+    DeepSpeed and FSDP checkpoints are sharded per rank: resharding them needs DeepSpeed's universal
+    checkpoint conversion or a distributed-checkpoint reshard, which ftl does not do yet.
+    """
+    old_world, t = plan.world_size, recipe.train
+    if plan.strategy != "ddp":
+        raise FtlError(f"run {run_id} ran {plan.strategy} on {old_world} process(es): its checkpoint holds states sharded "
+                       f"per rank, and resharding to {gpus_per_node * plan.nodes} is not supported yet; resume it on "
+                       f"{plan.gpus_per_node} per node (drop --gpus-per-node)")
+    new_world = gpus_per_node * plan.nodes
+    sequences = t.micro_batch_size * t.grad_accum * old_world
+    if sequences % (t.micro_batch_size * new_world):
+        raise FtlError(f"run {run_id} trains on a global batch of {sequences} sequences (micro-batch {t.micro_batch_size} × "
+                       f"grad_accum {t.grad_accum} × {old_world} processes); {new_world} processes of micro-batch "
+                       f"{t.micro_batch_size} cannot make it up exactly; pick a process count that divides "
+                       f"{sequences // t.micro_batch_size}")
+    accum = sequences // (t.micro_batch_size * new_world)
+    note = (f"resuming on {new_world} process(es) instead of {old_world}: grad_accum {t.grad_accum} -> {accum} keeps the "
+            f"global batch of {sequences}")
+    t.grad_accum = accum
+    recipe.cluster.gpus_per_node = gpus_per_node
+    plan.gpus_per_node, plan.world_size = gpus_per_node, new_world
+    return note
 
 
 def render_files(p: Prepared, python: str | None = None, port: int | None = None, cwd: str | None = None) -> Prepared:
