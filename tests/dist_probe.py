@@ -29,6 +29,9 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
+# the same measuring code ftl's trainer uses for shards/rank-<k>.json
+from launcher.train.shards import _local, _storage, elem_bytes, inner_optimizer, nbytes, optimizer_state_bytes
+
 
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
@@ -74,18 +77,6 @@ def make_accelerator(strategy: str):
 
 # --------------------------------------------------------------------------------------------
 # What a process holds
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _storage(t: torch.Tensor):
-    t = _local(t)
-    if t.device.type == "meta":
-        return None
-    s = t.untyped_storage()
-    return s if s.nbytes() else None
 
 
 def live_storages() -> dict[int, tuple[int, str, tuple]]:
@@ -168,51 +159,6 @@ def snapshot(roots: dict) -> dict:
         "by_owner": summarize(found),
         "unowned": sorted(other, key=lambda v: -v[0])[:10],
     }
-
-
-def _flat(ts):
-    for t in ts:
-        if isinstance(t, (list, tuple)):
-            yield from _flat(t)
-        elif torch.is_tensor(t):
-            yield t
-
-
-def nbytes(ts) -> int:
-    """Bytes of the unique storages behind a list of tensors (views of one buffer count once)."""
-    seen: dict[int, int] = {}
-    for t in _flat(ts):
-        if t is None:
-            continue
-        s = _storage(t)
-        if s is not None:
-            seen[s.data_ptr()] = s.nbytes()
-    return sum(seen.values())
-
-
-def elem_bytes(ts) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in _flat(ts))
-
-
-def inner_optimizer(opt):
-    o = opt
-    while not isinstance(o, torch.optim.Optimizer) or type(o).__module__.startswith(("accelerate", "deepspeed")):
-        nxt = getattr(o, "optimizer", None)
-        if nxt is None or nxt is o:
-            break
-        o = nxt
-    return o
-
-
-def optimizer_state_bytes(o) -> tuple[int, list[str]]:
-    total, dtypes = 0, set()
-    for st in o.state.values():
-        for v in st.values():
-            if torch.is_tensor(v) and _local(v).dim() > 0:  # 0-d `step` counters live on the host
-                v = _local(v)
-                total += v.numel() * v.element_size()
-                dtypes.add(str(v.dtype))
-    return total, sorted(dtypes)
 
 
 # --------------------------------------------------------------------------------------------
