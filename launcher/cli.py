@@ -533,6 +533,174 @@ def version() -> None:
     console.print(__version__)
 
 
+@app.command("prices")
+def prices_cmd(
+    provider: Optional[str] = typer.Option(None, "--provider", "-p", help="runpod or lambda."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU catalog key or alias (ftl gpus)."),
+    refresh: bool = typer.Option(False, "--refresh", help="Read live prices (RUNPOD_API_KEY / LAMBDA_API_KEY) and cache them."),
+    clusters: Optional[list[Path]] = typer.Option(None, "--clusters", help="Also list the prices of these cluster profiles (files or folders)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """On-demand USD per GPU-hour by provider, with date and source; warns when older than 30 days."""
+    import datetime as dt
+
+    from launcher import prices as P
+
+    try:
+        if provider and provider.lower() not in P.PROVIDERS:
+            raise FtlError(f"--provider {provider!r}: known providers are {', '.join(P.PROVIDERS)}")
+        notes: dict[str, Any] = {}
+        if refresh:
+            notes = P.refresh([provider.lower()] if provider else None)
+            for prov, s in notes.items():
+                if s["ok"]:
+                    extra = f" ({len(s['unknown'])} types not in the GPU catalog)" if s.get("unknown") else ""
+                    err_console.print(f"{prov}: {s['count']} live prices cached in {P.cache_path()}{extra}", highlight=False)
+                else:
+                    err_console.print(f"[yellow]warning:[/] {escape(s['error'])}", highlight=False, soft_wrap=True)
+        rows = P.all_prices(provider, gpu)
+        profiles = P.profile_prices(clusters) if clusters else []
+    except FtlError as e:
+        _fail(e)
+    today = dt.date.today()
+    if as_json:
+        sys.stdout.write(json.dumps({"today": today.isoformat(), "stale_after_days": P.STALE_DAYS,
+                                     "prices": [r.to_json(today) for r in rows], "profiles": profiles,
+                                     "refresh": notes}, indent=2) + "\n")
+        if any(not s["ok"] for s in notes.values()):
+            raise typer.Exit(1)
+        return
+    t = Table(title="on-demand USD per GPU-hour", title_justify="left", show_edge=False)
+    for c, j in (("provider", "left"), ("tier", "left"), ("gpu", "left"), ("$/GPU-h", "right"), ("date", "left"),
+                 ("age", "right")):
+        t.add_column(c, justify=j, no_wrap=True)
+    t.add_column("source", overflow="fold")
+    stale = set()
+    for r in rows:
+        date = f"live {r.fetched_at}" if r.live else r.date
+        age = f"{r.age_days(today)} d"
+        if r.stale(today):
+            stale.add((r.provider, r.date))
+            date, age = f"[yellow]{date}[/]", f"[yellow]{age}[/]"
+        note = f" ({r.provider_type})" if r.live and r.provider_type else ""
+        t.add_row(r.provider, r.tier, r.gpu, f"{r.usd_per_gpu_hour:.2f}", date, age, escape(r.source + note))
+    for p in profiles:
+        t.add_row(f"profile {p['profile']}", p["provider"] or "", p["gpu"] or "—", f"{p['usd_per_gpu_hour']:.2f}",
+                  p["date"] or "—", "", escape(p["source"] or p["file"]))
+    console.print(t)
+    if not rows and not profiles:
+        console.print("no prices match")
+    for prov, date in sorted(stale):
+        err_console.print(f"[yellow]warning:[/] {prov} prices dated {date} are more than {P.STALE_DAYS} days old; "
+                          f"ftl prices --refresh --provider {prov} reads live ones ({P.PROVIDERS[prov]['key_env']})"
+                          if prov in P.PROVIDERS else
+                          f"[yellow]warning:[/] {prov} prices dated {date} are more than {P.STALE_DAYS} days old",
+                          highlight=False, soft_wrap=True)
+    if any(not s["ok"] for s in notes.values()):
+        raise typer.Exit(1)  # the table shows what is known, but the refresh asked for did not happen
+
+
+@app.command("report")
+def report_cmd(
+    run: str = typer.Argument(..., help="Run id or directory."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Estimate vs actual for a run: memory, step time, total time, GPU-hours, cost."""
+    from launcher.report import report
+    from launcher.runs import find_run
+
+    try:
+        d = report(find_run(run))
+    except FtlError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+        return
+    p, a, r = d["predicted"], d["actual"], d["ratio_actual_over_predicted"]
+    console.print(f"[bold]{d['run_id']}[/] ({d['status']}): {d['strategy']}, {d['processes']} process(es) on "
+                  f"{d['device']}, ${d['price_per_gpu_hour']:.2f}/GPU-h ({escape(str(d['price_source']))})", highlight=False)
+
+    def money(x):
+        return "—" if x is None else f"${x:,.4f}" if x < 1 else f"${x:,.2f}"
+
+    def num(x, fmt="{:.4g}"):
+        return "—" if x is None else fmt.format(x)
+
+    def sec(x):
+        return "—" if x is None else duration(x)
+
+    t = Table(show_edge=False)
+    for c, j in (("", "left"), ("predicted", "right"), ("actual", "right"), ("actual/predicted", "right")):
+        t.add_column(c, justify=j)
+    t.add_row("peak memory per device", gib(p["peak_memory_bytes"]),
+              gib(a["peak_memory_bytes"]) if a["peak_memory_bytes"] else "not recorded", num(r["peak_memory"], "{:.2f}×"))
+    t.add_row("step time", num(p["step_time_s"], "{:.3g} s"), num(a["step_time_s"], "{:.3g} s"), num(r["step_time"], "{:.2f}×"))
+    t.add_row("total time", sec(p["total_time_s"]), sec(a["wall_s"]), num(r["total_time"], "{:.2f}×"))
+    t.add_row("GPU-hours", num(p["gpu_hours"]), num(a["gpu_hours"]), num(r["gpu_hours"], "{:.2f}×"))
+    t.add_row("cost", money(p["cost_usd"]), money(a["cost_usd"]), num(r["cost"], "{:.2f}×"))
+    console.print(t)
+    if d["device"] != "cuda":
+        console.print(f"[dim]on the CPU: no GPU-hours and no time prediction (the estimate models GPUs only)[/]")
+
+
+@app.command("plan")
+def plan_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (recipes/*.yaml)."),
+    clusters: Optional[list[Path]] = typer.Option(None, "--clusters", help="Cluster profile YAML files or folders to search (repeatable; default: the shipped cluster/ folder)."),
+    objective: str = typer.Option("time", "--objective", help="time (fastest) or cost (cheapest)."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Most USD the job may cost (default: the recipe's budget.max_cost_usd)."),
+    deadline: Optional[str] = typer.Option(None, "--deadline", help="Longest the job may take, boot and download included: 6h, 90m, 2d (default: budget.max_hours)."),
+    max_gpus: Optional[int] = typer.Option(None, "--max-gpus", help="Consider at most this many GPUs."),
+    allow_methods: Optional[list[str]] = typer.Option(None, "--allow-method", help="Also consider this method, e.g. qlora (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG scatter of time vs cost with the Pareto frontier."),
+    sets: Optional[list[str]] = SetOpt,
+    top: int = typer.Option(10, "--top", help="Rows in the table."),
+) -> None:
+    """Search GPUs, GPU counts, strategies, offload, micro-batch, checkpointing (and allowed methods) for the
+    fastest or cheapest plan that fits RECIPE, and print the `ftl launch` line that runs it.
+
+    Example: ftl plan recipes/llama3-70b-qlora-zero3.yaml --objective cost --deadline 6h
+    """
+    from launcher.plan import load_profiles, parse_duration, plan as run_plan, write_plot
+    from launcher.recipe import load_recipe
+
+    try:
+        r = load_recipe(recipe, sets=sets)
+        profiles, paths = load_profiles(clusters)
+        res = run_plan(r, profiles, objective=objective, budget_usd=budget,
+                       deadline_s=parse_duration(deadline) if deadline else None, max_gpus=max_gpus,
+                       allow_methods=allow_methods or (), cluster_paths=paths, recipe_path=str(recipe), sets=sets or ())
+        if plot is not None:
+            write_plot(res, plot)
+    except FtlError as e:
+        _fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_json(limit=top), indent=2) + "\n")
+        return
+    ranked = res.ranked()
+    console.print(f"[bold]{escape(r.name)}[/]: {len(res.candidates)} candidates estimated, {len(ranked)} fit; "
+                  f"objective: {res.objective}" + "".join(f"\n[dim]skipped {escape(s)}[/]" for s in res.skipped))
+    t = Table(title=f"best {min(top, len(ranked))} by {res.objective} (★ Pareto frontier of time vs cost, → chosen)",
+              title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("", "profile", "strategy", "GPUs", "method, micro×accum", "peak/GPU", "time", "cost", "$/Mtok"):
+        t.add_column(col, justify="left" if col in ("", "profile", "strategy", "GPUs", "method, micro×accum") else "right")
+    shown = ranked[:top] + [c for c in res.frontier if c not in ranked[:top]]
+    off = {"none": "", "optimizer": "+opt", "params": "+param"}
+    for c in shown:
+        mark = ("→" if c is res.chosen else "") + ("★" if c.frontier else "")
+        t.add_row(mark, escape(c.profile), f"{c.strategy}{off[c.offload]}", f"{c.nodes}×{c.gpus_per_node} {escape(c.short_gpu.split()[0])}",
+                  f"{c.method} {c.micro_batch_size}×{c.grad_accum}{' ckpt' if c.gradient_checkpointing else ''}",
+                  f"{c.peak_bytes / 1024**3:.1f} GiB", duration(c.total_time_s), f"${c.cost_usd:,.2f}",
+                  "—" if c.cost_per_mtok_usd is None else f"${c.cost_per_mtok_usd:,.3f}")
+    Console(width=max(console.width, 130)).print(t)
+    console.print(f"[bold]chosen:[/] {escape(res.explanation)}", soft_wrap=True)
+    console.print("[bold]run it:[/]")
+    console.print(escape(res.launch_command), soft_wrap=True, highlight=False)
+    if plot is not None:
+        console.print(f"plot written to {escape(str(plot))}")
+
+
 def main() -> None:
     app()
 

@@ -126,6 +126,8 @@ class Cluster(_Strict):
     price_source: str | None = None
     inter_node_bandwidth_gbps: float = Field(12.5, gt=0, description="GB/s per node between nodes (100 Gb/s Ethernet = 12.5).")
     cpu_memory_gib: float | None = Field(None, gt=0, description="Host RAM per node, to check offload.")
+    boot_seconds: float | None = Field(None, ge=0, description="Seconds from request to a running instance (ftl plan; default per provider: runpod 120, lambda 300, others 0).")
+    download_bandwidth_gbps: float | None = Field(None, gt=0, description="GB/s for downloading the model weights at start (ftl plan; default 1.0 on runpod/lambda, weights taken as present elsewhere).")
     budget: Budget = Field(default_factory=Budget)
     # provider fields (used by later backends; kept here so profiles validate as one schema)
     partition: str | None = None

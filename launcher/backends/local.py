@@ -202,6 +202,12 @@ class LocalBackend(Backend):
         if status == "failed":
             error = f"the launch command exited with {rc}; see {handle.run.log_path}"
         handle.run.update_state(status=status, returncode=rc, ended=utcnow(), error=error)
+        try:  # cost.json: wall time, GPU-hours and cost beside the estimate (ftl report); never fails a run
+            from launcher.report import write_cost
+
+            write_cost(handle.run)
+        except Exception as e:  # noqa: BLE001
+            self._say(handle, f"ftl: could not write cost.json: {e}")
         return status
 
     @staticmethod

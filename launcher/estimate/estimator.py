@@ -204,12 +204,10 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
 
     if strategy is None:
         strategy = resolve_strategy(recipe, world)
-    if strategy == "auto":  # the cheapest strategy (least communication) that fits; planning refines this
-        for cand in ("ddp", "zero2", "zero3"):
-            e = estimate_arch(recipe, spec, arch, strategy=cand, suggest=False)
-            if e.fits is not False:
-                break
-        strategy = cand
+    if strategy == "auto":  # the planner's choice for this recipe's own cluster and world size
+        from launcher.plan import choose_strategy
+
+        strategy = choose_strategy(recipe, spec, arch)
 
     mem_recipe = _memory_recipe(recipe)
     mem = memory_estimate(arch, params, mem_recipe, strategy, world, cl.gpus_per_node, gpu, on_gpu)

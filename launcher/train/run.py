@@ -411,6 +411,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _peak_memory() -> dict[str, int]:
+    """Rank 0's allocator peaks on a GPU (what `ftl report` sets beside the estimate); nothing on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {"peak_memory_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": torch.cuda.max_memory_reserved()}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     run_dir = Path(args.run_dir).resolve()
@@ -437,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if _rank() == 0 and run_dir.is_dir() and result.get("status") != "running":
             result.setdefault("finished_at", time.time())
+            result.update(_peak_memory())
             try:
                 _write_json(run_dir / "result.json", result)
             except OSError:

@@ -1,0 +1,343 @@
+"""GPU prices: the shipped snapshot (catalog/prices.yaml), live prices from RunPod and Lambda, a per-user cache.
+
+Every price is on-demand USD per GPU-hour for one GPU catalog key, in one provider tier:
+
+* runpod / secure, runpod / community: `GET {FTL_RUNPOD_API_URL or https://api.runpod.io}/v2/catalog/gpus`
+  with `Authorization: Bearer $RUNPOD_API_KEY`; `price.secure` / `price.community` are USD per GPU.
+* lambda / on-demand: `GET {FTL_LAMBDA_API_URL or https://cloud.lambda.ai}/api/v1/instance-types` with
+  `Authorization: Bearer $LAMBDA_API_KEY`; `price_cents_per_hour` is integer cents for the whole
+  instance, so the per-GPU price is cents / 100 / the instance's GPU count.
+
+When several provider types map to one catalog key (RunPod's A100 SXM and PCIe 80GB, Lambda's 1x and
+8x H100 SXM) the lowest per-GPU price is kept, and its provider type is shown beside it.
+Live prices are cached in $FTL_CACHE/prices.json (else ~/.cache/ftl/prices.json) and win over the
+shipped ones for the same provider, tier and GPU. API keys are read from the environment only and are
+never printed, logged or written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from launcher.catalog import CATALOG_DIR, find_gpu
+from launcher.errors import FtlError
+
+STALE_DAYS = 30
+TIMEOUT_S = 15.0  # per HTTP call
+ATTEMPTS = 4  # first try + 3 retries on 429 / 5xx / network errors
+BACKOFF_S = 1.0  # doubled after each retry; a 429's Retry-After wins (capped)
+RETRY_AFTER_CAP_S = 30.0
+
+PROVIDERS = {
+    "runpod": {"key_env": "RUNPOD_API_KEY", "url_env": "FTL_RUNPOD_API_URL", "url": "https://api.runpod.io",
+               "path": "/v2/catalog/gpus", "source": "https://api.runpod.io/v2/catalog/gpus"},
+    "lambda": {"key_env": "LAMBDA_API_KEY", "url_env": "FTL_LAMBDA_API_URL", "url": "https://cloud.lambda.ai",
+               "path": "/api/v1/instance-types", "source": "https://cloud.lambda.ai/api/v1/instance-types"},
+}
+
+
+class PriceError(FtlError):
+    pass
+
+
+@dataclass
+class Price:
+    provider: str
+    tier: str
+    gpu: str  # GPU catalog key
+    usd_per_gpu_hour: float
+    date: str  # ISO date the price was true on (snapshot date, or the day it was fetched)
+    source: str
+    fetched_at: str | None = None  # ISO time of a live read; None for shipped prices
+    provider_type: str | None = None  # the provider's own name: RunPod GPU id, Lambda instance type
+
+    @property
+    def live(self) -> bool:
+        return self.fetched_at is not None
+
+    def age_days(self, today: dt.date | None = None) -> int:
+        return ((today or dt.date.today()) - dt.date.fromisoformat(self.date[:10])).days
+
+    def stale(self, today: dt.date | None = None) -> bool:
+        return self.age_days(today) > STALE_DAYS
+
+    def to_json(self, today: dt.date | None = None) -> dict[str, Any]:
+        return {**asdict(self), "live": self.live, "age_days": self.age_days(today), "stale": self.stale(today)}
+
+
+# ---------------------------------------------------------------------------------------------
+# shipped snapshot and cache
+
+
+@lru_cache(maxsize=None)
+def _shipped_data() -> dict[str, Any]:
+    with open(CATALOG_DIR / "prices.yaml") as f:
+        return yaml.safe_load(f) or {}
+
+
+def shipped() -> list[Price]:
+    out = []
+    for provider, block in _shipped_data().items():
+        types = block.get("instance_types") or {}
+        for tier, table in (block.get("tiers") or {}).items():
+            for gpu, usd in (table or {}).items():
+                out.append(Price(provider, tier, gpu, float(usd), str(block["date"]), str(block["source"]),
+                                 provider_type=types.get(gpu)))
+    return out
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FTL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "ftl")
+    return Path(root) / "prices.json"
+
+
+def load_cache() -> dict[str, Any]:
+    p = cache_path()
+    try:
+        return json.loads(p.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # a broken cache is ignored; the next --refresh rewrites it
+
+
+def cached() -> list[Price]:
+    out = []
+    for provider, block in load_cache().items():
+        for row in block.get("prices") or []:
+            try:
+                out.append(Price(**{k: row.get(k) for k in Price.__dataclass_fields__}))
+            except TypeError:
+                continue
+    return out
+
+
+def all_prices(provider: str | None = None, gpu: str | None = None) -> list[Price]:
+    """Shipped prices, with cached live prices replacing them per (provider, tier, gpu)."""
+    rows: dict[tuple[str, str, str], Price] = {}
+    for p in shipped() + cached():
+        rows[(p.provider, p.tier, p.gpu)] = p
+    out = list(rows.values())
+    if provider:
+        out = [p for p in out if p.provider == provider.lower()]
+    if gpu:
+        key = find_gpu(gpu).key
+        out = [p for p in out if p.gpu == key]
+    order = {k: i for i, k in enumerate(["runpod", "lambda"])}
+    return sorted(out, key=lambda p: (order.get(p.provider, 9), p.provider, p.tier, p.usd_per_gpu_hour, p.gpu))
+
+
+def lookup(provider: str, gpu: str, tier: str | None = None) -> Price | None:
+    rows = [p for p in all_prices(provider, gpu) if tier is None or p.tier == tier]
+    return rows[0] if rows else None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+def _provider_message(body: bytes) -> str:
+    """The human part of a provider's error body (RunPod problem+json / {message}; Lambda {error:{...}})."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        return text[:300]
+    if isinstance(d, dict):
+        if isinstance(d.get("error"), dict):  # Lambda
+            e = d["error"]
+            parts = [f"{e.get('code')}: {e.get('message')}" if e.get("code") else str(e.get("message"))]
+            if e.get("suggestion"):
+                parts.append(str(e["suggestion"]))
+            return " ".join(parts)
+        if d.get("detail") or d.get("title"):  # RunPod v2 problem+json
+            msg = str(d.get("detail") or d.get("title"))
+            if d.get("errors"):
+                msg += " (" + "; ".join(map(str, d["errors"])) + ")"
+            return msg
+        if d.get("message"):  # RunPod v1
+            return str(d["message"])
+        if isinstance(d.get("errors"), list) and d["errors"]:  # GraphQL
+            return "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in d["errors"])
+    return text[:300]
+
+
+def _scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+def get_json(provider: str, url: str, key: str, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """GET url with the provider's bearer auth: timeout on every call, retries with backoff on 429/5xx/network."""
+    last = ""
+    delay = float(os.environ.get("FTL_PRICES_BACKOFF_S") or BACKOFF_S)
+    for attempt in range(1, ATTEMPTS + 1):
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}", "Accept": "application/json",
+                                                   "User-Agent": "ftl-prices"})
+        wait = delay
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+                body = resp.read()
+            try:
+                return json.loads(body)
+            except json.JSONDecodeError:
+                raise PriceError(f"{provider}: {url} did not answer JSON: {_scrub(body[:200].decode('utf-8', 'replace'), key)}") from None
+        except urllib.error.HTTPError as e:
+            msg = _scrub(_provider_message(e.read() or b""), key)
+            last = f"HTTP {e.code}: {msg}"
+            if e.code != 429 and e.code < 500:
+                hint = f" (check {PROVIDERS[provider]['key_env']})" if e.code in (401, 403) else ""
+                raise PriceError(f"{provider}: {url} answered {last}{hint}") from None
+            ra = e.headers.get("Retry-After") if e.headers else None
+            if e.code == 429 and ra is not None:
+                try:
+                    wait = min(float(ra), RETRY_AFTER_CAP_S)
+                except ValueError:
+                    pass
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            last = _scrub(f"{type(reason).__name__}: {reason}", key)
+        if attempt < ATTEMPTS:
+            sleep(wait)
+            delay *= 2
+    raise PriceError(f"{provider}: {url} failed after {ATTEMPTS} attempts; last: {last}")
+
+
+def _gpu_key(*names: str | None) -> str | None:
+    for n in names:
+        if not n:
+            continue
+        try:
+            return find_gpu(n).key
+        except FtlError:
+            continue
+    return None
+
+
+def _keep_lowest(rows: dict[tuple[str, str], Price], p: Price) -> None:
+    k = (p.tier, p.gpu)
+    if k not in rows or p.usd_per_gpu_hour < rows[k].usd_per_gpu_hour:
+        rows[k] = p
+
+
+def parse_runpod(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
+    """Rows from a v2 `GET /v2/catalog/gpus` answer ({"gpus": [...]}) and the GPU ids not in the catalog."""
+    gpus = data.get("gpus") if isinstance(data, dict) else None
+    if not isinstance(gpus, list):
+        raise PriceError("runpod: the answer has no 'gpus' list")
+    rows: dict[tuple[str, str], Price] = {}
+    unknown = []
+    src = PROVIDERS["runpod"]["source"]
+    for g in gpus:
+        key = _gpu_key(g.get("id"), g.get("name"))
+        if key is None:
+            unknown.append(str(g.get("id")))
+            continue
+        price = g.get("price") or {}
+        for tier in ("secure", "community"):
+            usd = price.get(tier)
+            if g.get(tier) is False or not usd:
+                continue
+            _keep_lowest(rows, Price("runpod", tier, key, float(usd), fetched_at[:10], src, fetched_at, str(g.get("id"))))
+    return list(rows.values()), unknown
+
+
+_LAMBDA_TYPE = re.compile(r"^gpu_(\d+)x_(.+)$")
+
+
+def parse_lambda(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
+    """Rows from `GET /api/v1/instance-types` ({"data": {name: {"instance_type": {...}, ...}}})."""
+    types = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(types, dict):
+        raise PriceError("lambda: the answer has no 'data' map of instance types")
+    rows: dict[tuple[str, str], Price] = {}
+    unknown = []
+    src = PROVIDERS["lambda"]["source"]
+    for name, entry in types.items():
+        it = (entry or {}).get("instance_type") or {}
+        name = it.get("name") or name
+        m = _LAMBDA_TYPE.match(name)
+        n = int((it.get("specs") or {}).get("gpus") or (m.group(1) if m else 0) or 0)
+        cents = it.get("price_cents_per_hour")
+        if n <= 0 or "general" in name or cents is None:
+            continue  # CPU-only types
+        desc = str(it.get("gpu_description") or "")
+        key = _gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
+        if key is None:
+            unknown.append(name)
+            continue
+        _keep_lowest(rows, Price("lambda", "on-demand", key, round(float(cents) / 100 / n, 4), fetched_at[:10], src,
+                                 fetched_at, name))
+    return list(rows.values()), unknown
+
+
+def _base(provider: str) -> str:
+    cfg = PROVIDERS[provider]
+    return (os.environ.get(cfg["url_env"]) or cfg["url"]).rstrip("/")
+
+
+def fetch(provider: str, now: dt.datetime | None = None) -> tuple[list[Price], list[str]]:
+    """Live prices of one provider; PriceError naming the env var when its key is not set."""
+    if provider not in PROVIDERS:
+        raise PriceError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
+    cfg = PROVIDERS[provider]
+    key = os.environ.get(cfg["key_env"], "").strip()
+    if not key:
+        raise PriceError(f"{provider}: set {cfg['key_env']} to read live prices (an API key from the {provider} console); "
+                         "showing the shipped prices")
+    fetched_at = (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
+    data = get_json(provider, _base(provider) + cfg["path"], key)
+    return (parse_runpod if provider == "runpod" else parse_lambda)(data, fetched_at)
+
+
+def refresh(providers: Iterable[str] | None = None, now: dt.datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Fetch each provider and cache what came back; {provider: {"ok", "count", "unknown", "error"}}."""
+    providers = list(providers or PROVIDERS)
+    cache = load_cache()
+    summary: dict[str, dict[str, Any]] = {}
+    for prov in providers:
+        try:
+            rows, unknown = fetch(prov, now)
+        except PriceError as e:
+            summary[prov] = {"ok": False, "error": str(e)}
+            continue
+        cache[prov] = {"fetched_at": rows[0].fetched_at if rows else None, "prices": [asdict(r) for r in rows],
+                       "unknown_types": unknown}
+        summary[prov] = {"ok": True, "count": len(rows), "unknown": unknown}
+    if any(s["ok"] for s in summary.values()):
+        p = cache_path()
+        p.parent.mkdir(parents=True, exist_ok=True)
+        from launcher.runs import write_atomic
+
+        write_atomic(p, json.dumps(cache, indent=1) + "\n", mode=0o600)
+    return summary
+
+
+def profile_prices(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Prices of cluster profiles (owned clusters may price at 0 or an internal rate)."""
+    out = []
+    for path in paths:
+        files = sorted(Path(path).glob("*.y*ml")) if Path(path).is_dir() else [Path(path)]
+        for f in files:
+            try:
+                d = yaml.safe_load(f.read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            if not isinstance(d, dict) or "price_per_gpu_hour" not in d:
+                continue
+            out.append({"profile": d.get("name") or f.stem, "file": str(f), "provider": d.get("provider"),
+                        "gpu": d.get("gpu"), "usd_per_gpu_hour": float(d.get("price_per_gpu_hour") or 0),
+                        "date": str(d["price_date"]) if d.get("price_date") else None,
+                        "source": d.get("price_source")})
+    return out
