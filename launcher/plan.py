@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import shlex
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from launcher.catalog import ModelSpec, find_gpu, resolve_model
 from launcher.errors import FtlError
 from launcher.estimate.arch import Arch
+from launcher.estimate.memo import Memo
 from launcher.recipe import Cluster, Parallel, Recipe, builtin_cluster_dir, load_cluster
 
 GiB = 1024**3
@@ -158,62 +158,6 @@ class PlanResult:
 # Memoized estimator parts (scoped to one search)
 
 
-@contextmanager
-def _memoized() -> Iterator[None]:
-    """Memoize the estimator's pure, expensive parts while a search runs.
-
-    Keys hold every recipe field the parts read that the search varies (method, micro-batch,
-    checkpointing, strategy, offload, world); the fields the search does not vary are the base
-    recipe's for the whole search, so the cache must not outlive it. The originals are put back on exit.
-    """
-    import launcher.estimate.estimator as E
-    import launcher.estimate.memory as M
-
-    saved = {(E, "plan_params"): E.plan_params, (E, "flops_per_step"): E.flops_per_step, (E, "data_size"): E.data_size,
-             (M, "activation_bytes"): M.activation_bytes, (M, "state_bytes"): M.state_bytes}
-    o_pp, o_fl, o_ds, o_ab, o_sb = saved.values()
-    cache: dict[tuple, Any] = {}
-
-    def sig(r: Recipe) -> tuple:
-        t = r.train
-        # lora/quantization/freeze/data are the base recipe's throughout one search (DPO's deep copy
-        # in the estimator has equal values), so their content need not be hashed
-        return (r.quantization.bits, r.task, r.method, r.parallel.offload,
-                t.precision, t.optimizer, t.weight_decay, t.attn_implementation, t.micro_batch_size,
-                t.gradient_checkpointing, r.data.max_seq_len, r.data.packing)
-
-    def memo(key: tuple, fn, *a, **kw):
-        try:
-            return cache[key]
-        except KeyError:
-            v = cache[key] = fn(*a, **kw)
-            return v
-
-    def pp(arch, recipe):
-        return memo(("pp", id(arch), recipe.quantization.bits, recipe.task, recipe.method),
-                    o_pp, arch, recipe)
-
-    def fl(arch, params, recipe, n, *, seq_len=None):
-        return memo(("fl", id(arch), id(params), sig(recipe), n, seq_len), o_fl, arch, params, recipe, n, seq_len=seq_len)
-
-    def ds(recipe, model_dir):
-        return memo(("ds", recipe.task, model_dir), o_ds, recipe, model_dir)
-
-    def ab(arch, params, recipe, *, device="cuda"):
-        return memo(("ab", id(arch), id(params), sig(recipe), device), o_ab, arch, params, recipe, device=device)
-
-    def sb(arch, params, recipe, strategy, world, gpn):
-        return memo(("sb", id(arch), id(params), sig(recipe), strategy, world, gpn), o_sb, arch, params, recipe, strategy, world, gpn)
-
-    E.plan_params, E.flops_per_step, E.data_size = pp, fl, ds
-    M.activation_bytes, M.state_bytes = ab, sb
-    try:
-        yield
-    finally:
-        for (mod, name), fn in saved.items():
-            setattr(mod, name, fn)
-
-
 # ---------------------------------------------------------------------------------------------
 # Search
 
@@ -293,39 +237,39 @@ def enumerate_candidates(
     skipped: list[str] = []
     trains: dict[tuple, Any] = {}
     pars = {so: Parallel.model_construct(strategy=so[0], offload=so[1]) for so in MULTI_GPU_STRATEGIES + SINGLE_GPU_STRATEGIES}
-    with _memoized():
-        for ci, (prof, ppath) in enumerate(zip(clusters, paths)):
-            if not prof.gpu:
-                skipped.append(f"{prof.name}: no gpu named in the profile")
-                continue
-            try:
-                gpu = find_gpu(prof.gpu)
-            except FtlError as e:
-                skipped.append(f"{prof.name}: {e}")
-                continue
-            shapes = worlds[ci] if worlds is not None else _worlds(prof, max_gpus)
-            for nodes, gpn in shapes:
-                world = nodes * gpn
-                if gb % world:
-                    continue  # the global batch cannot be split evenly over this many GPUs
-                cl = prof.model_copy(update={"nodes": nodes, "gpus_per_node": gpn})
-                so_list = strategies if strategies is not None else (SINGLE_GPU_STRATEGIES if world == 1 else MULTI_GPU_STRATEGIES)
-                for method, mr in mrecipes.items():
-                    for mb in _pow2_upto(gb // world):
-                        if (gb // world) % mb:
-                            continue
-                        accum = gb // (world * mb)
-                        for ck in (True, False):
-                            tk = (method, mb, accum, ck)
-                            if tk not in trains:
-                                trains[tk] = mr.train.model_copy(update={"micro_batch_size": mb, "grad_accum": accum, "gradient_checkpointing": ck})
-                            for so in so_list:
-                                par = pars.get(so) or Parallel.model_construct(strategy=so[0], offload=so[1])
-                                r = mr.model_copy(update={"train": trains[tk], "parallel": par, "cluster": cl})
-                                e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False)
-                                if weight_bytes is None:
-                                    weight_bytes = e.params.total * w_bytes
-                                out.append(_candidate(e, prof, ppath, gpu.key, gpu.name, weight_bytes, len(out)))
+    memo = Memo()  # shared by every candidate of this search (one base recipe)
+    for ci, (prof, ppath) in enumerate(zip(clusters, paths)):
+        if not prof.gpu:
+            skipped.append(f"{prof.name}: no gpu named in the profile")
+            continue
+        try:
+            gpu = find_gpu(prof.gpu)
+        except FtlError as e:
+            skipped.append(f"{prof.name}: {e}")
+            continue
+        shapes = worlds[ci] if worlds is not None else _worlds(prof, max_gpus)
+        for nodes, gpn in shapes:
+            world = nodes * gpn
+            if gb % world:
+                continue  # the global batch cannot be split evenly over this many GPUs
+            cl = prof.model_copy(update={"nodes": nodes, "gpus_per_node": gpn})
+            so_list = strategies if strategies is not None else (SINGLE_GPU_STRATEGIES if world == 1 else MULTI_GPU_STRATEGIES)
+            for method, mr in mrecipes.items():
+                for mb in _pow2_upto(gb // world):
+                    if (gb // world) % mb:
+                        continue
+                    accum = gb // (world * mb)
+                    for ck in (True, False):
+                        tk = (method, mb, accum, ck)
+                        if tk not in trains:
+                            trains[tk] = mr.train.model_copy(update={"micro_batch_size": mb, "grad_accum": accum, "gradient_checkpointing": ck})
+                        for so in so_list:
+                            par = pars.get(so) or Parallel.model_construct(strategy=so[0], offload=so[1])
+                            r = mr.model_copy(update={"train": trains[tk], "parallel": par, "cluster": cl})
+                            e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False, memo=memo)
+                            if weight_bytes is None:
+                                weight_bytes = e.params.total * w_bytes
+                            out.append(_candidate(e, prof, ppath, gpu.key, gpu.name, weight_bytes, len(out)))
     return out, skipped
 
 
@@ -536,11 +480,11 @@ def _single_world(recipe: Recipe, strategies, spec, arch) -> tuple[list[Candidat
     arch = arch or build_arch(recipe, spec)
     gpu = find_gpu(recipe.cluster.gpu)  # type: ignore[arg-type]
     out = []
-    with _memoized():
-        for so in strategies:
-            r = recipe.model_copy(update={"parallel": Parallel.model_construct(strategy=so[0], offload=so[1])})
-            e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False)
-            out.append(_candidate(e, recipe.cluster, None, gpu.key, gpu.name, 0, len(out)))
+    memo = Memo()
+    for so in strategies:
+        r = recipe.model_copy(update={"parallel": Parallel.model_construct(strategy=so[0], offload=so[1])})
+        e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False, memo=memo)
+        out.append(_candidate(e, recipe.cluster, None, gpu.key, gpu.name, 0, len(out)))
     return out, []
 
 

@@ -17,6 +17,7 @@ from launcher.estimate.arch import Arch, ArchError, arch_from_config
 from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time
 from launcher.estimate.dataset import DataSize, data_size, sequences_per_epoch
 from launcher.estimate.flops import flops_per_step
+from launcher.estimate.memo import NO_MEMO, Memo, recipe_key
 from launcher.estimate.memory import GiB, MemoryEstimate, memory_estimate
 from launcher.estimate.params import ParamPlan, plan_params
 from launcher.recipe import Recipe
@@ -195,10 +196,11 @@ def estimate(recipe: Recipe, strategy: str | None = None, suggest: bool = True) 
     return estimate_arch(recipe, spec, arch, strategy=strategy, suggest=suggest)
 
 
-def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | None = None, suggest: bool = True) -> Estimate:
+def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | None = None, suggest: bool = True,
+                  memo: Memo = NO_MEMO) -> Estimate:
     cl = recipe.cluster
     world = cl.world_size
-    params = plan_params(arch, recipe)
+    params = memo(("params", recipe.quantization.bits, recipe.task, recipe.method), plan_params, arch, recipe)
     gpu, gpu_mem, gpu_source = _gpu_for(recipe)
     on_gpu = gpu_mem is not None
 
@@ -210,9 +212,9 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
         strategy = choose_strategy(recipe, spec, arch)
 
     mem_recipe = _memory_recipe(recipe)
-    mem = memory_estimate(arch, params, mem_recipe, strategy, world, cl.gpus_per_node, gpu, on_gpu)
+    mem = memory_estimate(arch, params, mem_recipe, strategy, world, cl.gpus_per_node, gpu, on_gpu, memo=memo)
 
-    size = data_size(recipe, spec.path)
+    size = memo(("data", recipe.task), data_size, recipe, spec.path)
     seqs, tok_per_seq = sequences_per_epoch(recipe, size)
     if seqs is not None and not recipe.data.validation_split and recipe.data.validation_fraction and recipe.task != "dapt":
         seqs = max(1, int(seqs * (1 - recipe.data.validation_fraction)))
@@ -221,7 +223,8 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
     # Memory is estimated at max_seq_len (the longest batch); tokens, FLOPs and time at the
     # average sequence length of the data when it is known.
     tokens_per_step = global_batch * pairs * tok_per_seq
-    sf = flops_per_step(arch, params, recipe, global_batch * pairs, seq_len=tok_per_seq)
+    sf = memo(("flops", recipe_key(recipe), global_batch * pairs, tok_per_seq),
+              flops_per_step, arch, params, recipe, global_batch * pairs, seq_len=tok_per_seq)
     flops = sf.total
     if recipe.task == "dpo":  # reference log-probs: one more forward of chosen and rejected
         flops += sf.forward

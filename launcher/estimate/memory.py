@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from launcher.catalog import GpuSpec
 from launcher.estimate.activations import ActivationBytes, activation_bytes
 from launcher.estimate.arch import Arch
+from launcher.estimate.memo import NO_MEMO, Memo, recipe_key
 from launcher.estimate.params import ParamPlan
 from launcher.estimate.states import StateBytes, state_bytes
 from launcher.recipe import Recipe
@@ -68,13 +69,16 @@ def memory_estimate(
     gpus_per_node: int,
     gpu: GpuSpec | None,
     on_gpu: bool,
+    memo: Memo = NO_MEMO,
 ) -> MemoryEstimate:
-    s = state_bytes(arch, params, recipe, strategy, world_size, gpus_per_node)
+    key = recipe_key(recipe)
+    s = memo(("states", key, strategy, world_size, gpus_per_node), state_bytes, arch, params, recipe, strategy,
+             world_size, gpus_per_node)
     if recipe.task == "dpo" and recipe.method in ("full", "freeze"):
         # the trainer keeps a frozen copy of the starting model, laid out like the policy, as the
         # reference (with LoRA the reference is the base with the adapter switched off: no copy)
         s = replace(s, weights=2 * s.weights, detail={**s.detail, "dpo reference model": s.weights})
-    a = activation_bytes(arch, params, recipe)
+    a = memo(("activations", key), activation_bytes, arch, params, recipe)
     base = s.weights + s.optimizer
     # gradients that outlive the backward: accumulation across micro-batches, and the partitions and
     # buckets ZeRO/FSDP keep allocated for the whole run (states.py decides per strategy)
