@@ -18,10 +18,11 @@ from typing import Any, Sequence
 from launcher.catalog import ModelSpec, find_gpu, resolve_model
 from launcher.errors import FtlError
 from launcher.estimate.arch import Arch
+from launcher.estimate.compute import total_cost
 from launcher.estimate.memo import Memo
+from launcher.estimate.memory import GiB
 from launcher.recipe import Cluster, Parallel, Recipe, builtin_cluster_dir, load_cluster
 
-GiB = 1024**3
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
 OFFLOAD_LABEL = {"none": "", "optimizer": " + optimizer offload", "params": " + param offload"}
@@ -41,7 +42,6 @@ SINGLE_GPU_STRATEGIES: tuple[tuple[str, str], ...] = (("ddp", "none"), ("zero2",
 RENTED = ("runpod", "lambda")
 DEFAULT_BOOT_S = {"runpod": 120.0, "lambda": 300.0}
 DEFAULT_DOWNLOAD_GBPS = 1.0  # GB/s, rented targets
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +181,6 @@ def setup_seconds(cluster: Cluster, weight_bytes: int) -> float:
     return float(boot) + download
 
 
-def total_cost(total_time_s: float, world: int, price_per_gpu_hour: float) -> float:
-    """Cost of the job: hours × GPUs × price (the time includes boot and download on rented targets)."""
-    return total_time_s / 3600 * world * price_per_gpu_hour
-
-
 def global_batch(recipe: Recipe) -> int:
     return recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.cluster.world_size
 
@@ -230,8 +225,7 @@ def enumerate_candidates(
     gb = global_batch(recipe)
     methods = [recipe.method] + [m for m in dict.fromkeys(allow_methods) if m != recipe.method]
     mrecipes = {m: _method_recipe(recipe, m) for m in methods}
-    w_bytes = DTYPE_BYTES.get(arch.dtype.replace("torch.", ""), 2)
-    weight_bytes = 0 if spec.origin == "local" else None  # per method below (params.total is method-independent)
+    weight_bytes = 0 if spec.origin == "local" else arch.published_bytes  # downloaded before the first step
 
     out: list[Candidate] = []
     skipped: list[str] = []
@@ -267,8 +261,6 @@ def enumerate_candidates(
                             par = pars.get(so) or Parallel.model_construct(strategy=so[0], offload=so[1])
                             r = mr.model_copy(update={"train": trains[tk], "parallel": par, "cluster": cl})
                             e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False, memo=memo)
-                            if weight_bytes is None:
-                                weight_bytes = e.params.total * w_bytes
                             out.append(_candidate(e, prof, ppath, gpu.key, gpu.name, weight_bytes, len(out)))
     return out, skipped
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 Head = Literal["causal_lm", "seq_cls"]
 
 ENCODER_TYPES = {"bert", "distilbert"}
+# Bytes per parameter of a checkpoint, by the dtype config.json names
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "gemma", "gemma2", "phi3", "olmo2"}
 
 
@@ -100,6 +102,11 @@ class Arch:
             return self.params_total
         idle = self.layer.expert_params * (self.num_experts - self.experts_per_token) // self.num_experts
         return self.params_total - self.layers * idle
+
+    @property
+    def published_bytes(self) -> int:
+        """Size of the weights as published (what a download fetches): parameters × the config's dtype."""
+        return self.params_total * DTYPE_BYTES.get(self.dtype.replace("torch.", ""), 2)
 
     @property
     def params_per_layer(self) -> int:

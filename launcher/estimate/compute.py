@@ -130,3 +130,8 @@ def optimizer_steps(recipe: Recipe, sequences: int | None, world: int) -> int | 
         return None
     per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world
     return math.ceil(recipe.train.epochs * math.ceil(sequences / per_step))
+
+
+def total_cost(total_time_s: float, world: int, price_per_gpu_hour: float) -> float:
+    """Cost of a job: hours × GPUs × price (the one formula estimate, plan and tests use)."""
+    return total_time_s / 3600 * world * price_per_gpu_hour

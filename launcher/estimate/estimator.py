@@ -14,7 +14,7 @@ from typing import Any
 from launcher.catalog import GpuSpec, ModelSpec, find_gpu, gpus, resolve_model
 from launcher.errors import FtlError
 from launcher.estimate.arch import Arch, ArchError, arch_from_config
-from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time
+from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time, total_cost
 from launcher.estimate.dataset import DataSize, data_size, sequences_per_epoch
 from launcher.estimate.flops import flops_per_step
 from launcher.estimate.memo import NO_MEMO, Memo, recipe_key
@@ -22,7 +22,6 @@ from launcher.estimate.memory import GiB, MemoryEstimate, memory_estimate
 from launcher.estimate.params import ParamPlan, plan_params
 from launcher.recipe import Recipe
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass
@@ -244,13 +243,12 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
         st_s = st.total_s
         if steps is not None:
             total_s = steps * st_s
-            cost = total_s / 3600 * world * cl.price_per_gpu_hour
+            cost = total_cost(total_s, world, cl.price_per_gpu_hour)
 
-    w_bytes = DTYPE_BYTES.get(arch.dtype.replace("torch.", ""), 2)
     checkpoint = (params.trainable * 4 + mem.states.optimizer * (world if strategy != "ddp" else 1)
                   if recipe.method in ("full", "freeze") else params.trainable * 4 * 3)
-    final = params.total * w_bytes if recipe.method in ("full", "freeze") else params.trainable * 4
-    disk = (params.total * w_bytes if spec.origin != "local" else 0) + recipe.train.save_total_limit * checkpoint + final
+    final = arch.published_bytes if recipe.method in ("full", "freeze") else params.trainable * 4
+    disk = (arch.published_bytes if spec.origin != "local" else 0) + recipe.train.save_total_limit * checkpoint + final
 
     assumptions = {
         "precision": recipe.train.precision,
