@@ -1,0 +1,227 @@
+"""RunPod through REST v2 (https://api.runpod.io/v2; v1 retires 2026-11-15): pods, the GPU catalog, Instant Clusters.
+
+SSH: the pod gets our public key in env `PUBLIC_KEY` (and `SSH_PUBLIC_KEY`, RunPod's per-pod override),
+which RunPod images append to root's authorized_keys before starting sshd, and exposes "22/tcp". This
+avoids `startSsh`, which injects the *account's* key set that only a whole-set PUT can change (racy
+between concurrent launches). The endpoint is `ssh.direct` (public IP + mapped port, user root), else
+the `runtime.ports` entry for private port 22; the `ssh.proxy` endpoint is a shell-only relay and is not used.
+
+Capacity: v2 has no capacity code; "no capacity" is a 400 on create whose `detail` says so.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any, Callable
+from urllib.parse import quote
+
+from launcher.catalog import find_gpu
+from launcher.errors import FtlError
+from launcher.prices import _gpu_key
+from launcher.providers.base import Instance, NoCapacity, Offer, Provider, ProviderError, ProviderTimeout
+from launcher.providers.http import JsonClient, api_key, create_once
+
+DEFAULT_IMAGE = "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"  # the spec's example image
+DEFAULT_DISK_GB = 50
+CLOUDS = ("SECURE", "COMMUNITY")
+STATUS = {"PROVISIONING": "pending", "STARTING": "pending", "RUNNING": "running", "EXITED": "stopped",
+          "ERROR": "error", "TERMINATED": "terminated"}
+# create's 400 mixes validation and "no capacity" with only human text to tell them apart
+CAPACITY = re.compile(r"capacity|no longer any instances|not enough|no (gpus?|instances|machines) (are )?available|"
+                      r"insufficient resources|unavailable|out of stock", re.I)
+CLUSTER_MEMBERS_TIMEOUT_S = 120.0  # how long the members of a new cluster may take to be listed
+
+
+def _ssh(pod: dict[str, Any]) -> tuple[str | None, int | None, str]:
+    direct = (pod.get("ssh") or {}).get("direct") or {}
+    if direct.get("host") and direct.get("port"):
+        return str(direct["host"]), int(direct["port"]), str(direct.get("username") or "root")
+    for p in (pod.get("runtime") or {}).get("ports") or []:
+        if p.get("private") == 22 and p.get("type") == "tcp" and p.get("ip") and p.get("public"):
+            return str(p["ip"]), int(p["public"]), "root"
+    return None, None, "root"
+
+
+def to_instance(pod: dict[str, Any]) -> Instance:
+    raw = str(pod.get("status") or "")
+    host, port, user = _ssh(pod)
+    cl = pod.get("cluster") or {}
+    gpu = pod.get("gpu") or {}
+    return Instance(provider="runpod", id=str(pod["id"]), name=str(pod.get("name") or ""),
+                    status=STATUS.get(raw, "pending"), ssh_host=host, ssh_port=port, ssh_user=user,
+                    private_ip=cl.get("ip"), price_per_hour=pod.get("cost"), gpus=int(gpu.get("count") or 0),
+                    created_at=pod.get("createdAt"), rank=cl.get("rank"), raw_status=raw, cluster_id=cl.get("id"),
+                    region=pod.get("dataCenterId"), gpu_type=gpu.get("id"))
+
+
+def _matches(gpu: str | None, key: str | None, gpu_type: str) -> bool:
+    if gpu is None:
+        return True
+    if gpu.lower() == gpu_type.lower():
+        return True
+    try:
+        return key is not None and find_gpu(gpu).key == key
+    except FtlError:
+        return False
+
+
+class RunPod(Provider):
+    name = "runpod"
+
+    def __init__(self, key: str | None = None, base_url: str | None = None, *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic, poll_s: float = 5.0, **http: Any):
+        super().__init__(sleep, clock)
+        self.poll_s = poll_s
+        self.http = JsonClient("runpod", key or api_key("runpod"), base_url, sleep=sleep, **http)
+
+    # --- offers ----------------------------------------------------------------------------------
+
+    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
+        out: list[Offer] = []
+        for cloud in CLOUDS:
+            data = self.http.request("GET", "/v2/catalog/gpus", params={"include": "AVAILABILITY", "product": "POD",
+                                                                          "count": gpus, "cloud": cloud})
+            for g in (data or {}).get("gpus") or []:
+                tier = cloud.lower()
+                usd = (g.get("price") or {}).get(tier)
+                if not g.get(tier) or not usd or gpus > int((g.get("maxCount") or {}).get(tier) or 0):
+                    continue
+                key = _gpu_key(g.get("id"), g.get("name"))
+                if not _matches(gpu, key, str(g["id"])):
+                    continue
+                price = round(float(usd) * gpus, 4)
+                dcs = g.get("dataCenters") or []
+                rows = [(dc.get("id"), dc.get("availability")) for dc in dcs] or [(None, g.get("availability", "NONE"))]
+                for region, level in rows:
+                    out.append(Offer("runpod", key, str(g["id"]), gpus, price, region,
+                                     available=bool(level) and level != "NONE", cloud_type=cloud))
+        return sorted(out, key=lambda o: (not o.available, o.price_per_hour, o.gpu_type, o.region or ""))
+
+    # --- create ----------------------------------------------------------------------------------
+
+    def _container(self, ssh_public_key: str, image: str | None, disk_gb: int | None,
+                   env: dict[str, str] | None) -> dict[str, Any]:
+        key = ssh_public_key.strip()
+        return {"image": image or DEFAULT_IMAGE, "disk": int(disk_gb or DEFAULT_DISK_GB), "ports": ["22/tcp"],
+                "env": {**{str(k): str(v) for k, v in (env or {}).items()}, "PUBLIC_KEY": key, "SSH_PUBLIC_KEY": key}}
+
+    def _capacity(self, e: ProviderError, offer: Offer) -> ProviderError:
+        if e.status == 400 and CAPACITY.search(str(e)):
+            where = f" in {offer.region}" if offer.region else ""
+            return NoCapacity(f"{e} ({offer.gpus}x {offer.gpu_type}, {offer.cloud_type or 'SECURE'}{where}); "
+                              "try another GPU, region or cloud", e.status, "runpod", e.code)
+        return e
+
+    def create(self, name: str, offer: Offer, ssh_public_key: str, image: str | None = None,
+               disk_gb: int | None = None, env: dict[str, str] | None = None) -> Instance:
+        body: dict[str, Any] = {"name": name, "gpu": {"id": offer.gpu_type, "count": offer.gpus},
+                                "cloud": offer.cloud_type or "SECURE",
+                                **self._container(ssh_public_key, image, disk_gb, env)}
+        if offer.region:
+            body["dataCenterIds"] = [offer.region]
+        try:
+            pod = create_once(lambda: self.http.request("POST", "/v2/pods", json=body),
+                              lambda: next((p for p in self._pods() if p.get("name") == name), None), self.sleep)
+        except ProviderError as e:
+            raise self._capacity(e, offer) from None
+        return to_instance(pod)
+
+    def create_cluster(self, name: str, offer: Offer, nodes: int, ssh_public_key: str, image: str | None = None,
+                       disk_gb: int | None = None, env: dict[str, str] | None = None) -> list[Instance]:
+        """An Instant Cluster (type TRAINING): one data center, a private network, ranks from RunPod."""
+        if nodes < 2:  # clusters start at 2 pods
+            inst = self.create(name, offer, ssh_public_key, image, disk_gb, env)
+            inst.rank = 0
+            return [inst]
+        body: dict[str, Any] = {"name": name, "type": "TRAINING",
+                                "compute": {"gpuTypeId": offer.gpu_type, "gpuCountPerPod": offer.gpus, "podCount": nodes},
+                                **self._container(ssh_public_key, image, disk_gb, env)}
+        if offer.region:
+            body["dataCenterIds"] = [offer.region]
+        try:
+            cluster = create_once(lambda: self.http.request("POST", "/v2/clusters", json=body),
+                                  lambda: next((c for c in self._clusters() if c.get("name") == name), None), self.sleep)
+        except ProviderError as e:
+            raise self._capacity(e, offer) from None
+        cid = str(cluster["id"])
+        deadline = self.clock() + CLUSTER_MEMBERS_TIMEOUT_S
+        while True:
+            pods = self._members(cid)
+            if len(pods) >= nodes:
+                break
+            if self.clock() >= deadline:
+                self.terminate_cluster(cid)
+                raise ProviderTimeout(f"runpod: cluster {name} ({cid}) listed {len(pods)} of {nodes} pods after "
+                                      f"{CLUSTER_MEMBERS_TIMEOUT_S:g}s; deleted it", provider="runpod")
+            self.sleep(self.poll_s)
+        insts = [to_instance(p) for p in pods]
+        return sorted(insts, key=lambda i: (i.rank is None, i.rank if i.rank is not None else 0, i.id))
+
+    # --- read ------------------------------------------------------------------------------------
+
+    def _pods(self) -> list[dict[str, Any]]:
+        return (self.http.request("GET", "/v2/pods", params={"includeClusterPods": "true"}) or {}).get("pods") or []
+
+    def _clusters(self) -> list[dict[str, Any]]:
+        return (self.http.request("GET", "/v2/clusters") or {}).get("clusters") or []
+
+    def _members(self, cluster_id: str) -> list[dict[str, Any]]:
+        try:
+            data = self.http.request("GET", f"/v2/clusters/{quote(cluster_id, safe='')}/pods")
+        except ProviderError as e:
+            if e.status == 404:
+                return []
+            raise
+        return (data or {}).get("pods") or []
+
+    def get(self, id: str) -> Instance | None:
+        try:
+            pod = self.http.request("GET", f"/v2/pods/{quote(id, safe='')}")
+        except ProviderError as e:
+            if e.status == 404:
+                return None
+            raise
+        return to_instance(pod) if pod else None
+
+    def _ours(self, keep: Callable[[str], bool]) -> list[Instance]:
+        """Pods whose own name, or whose cluster's name, passes `keep` (cluster pods carry RunPod's names)."""
+        clusters = {str(c["id"]): str(c.get("name") or "") for c in self._clusters() if keep(str(c.get("name") or ""))}
+        pods = {str(p["id"]): p for p in self._pods()
+                if keep(str(p.get("name") or "")) or str((p.get("cluster") or {}).get("id")) in clusters}
+        for cid in clusters:  # in case the pod list leaves cluster members out
+            for p in self._members(cid):
+                pods.setdefault(str(p["id"]), p)
+        insts = [to_instance(p) for p in pods.values()]
+        return [i for i in insts if i.status != "terminated"]
+
+    def list(self, prefix: str = "ftl-") -> list[Instance]:
+        return self._ours(lambda n: n.startswith(prefix))
+
+    def find(self, name: str) -> list[Instance]:
+        return self._ours(lambda n: n == name)
+
+    # --- delete ----------------------------------------------------------------------------------
+
+    def terminate(self, id: str) -> None:
+        """Delete the pod; a cluster member can only go with its cluster (RunPod answers 409), so that is deleted."""
+        try:
+            self.http.request("DELETE", f"/v2/pods/{quote(id, safe='')}")
+        except ProviderError as e:
+            if e.status == 404:
+                return
+            if e.status != 409:
+                raise
+            inst = self.get(id)
+            if inst is None:
+                return
+            if not inst.cluster_id:
+                raise
+            self.terminate_cluster(inst.cluster_id)
+
+    def terminate_cluster(self, cluster_id: str) -> None:
+        try:
+            self.http.request("DELETE", f"/v2/clusters/{quote(cluster_id, safe='')}")
+        except ProviderError as e:
+            if e.status != 404:
+                raise

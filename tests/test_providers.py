@@ -1,0 +1,402 @@
+"""Provider clients (launcher/providers) against the local fakes in tests/fake_providers.py (127.0.0.1 only)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+
+import httpx
+import pytest
+
+from fake_providers import LAMBDA_KEY, RUNPOD_KEY, FakeRunPod, fake_lambda, fake_runpod  # noqa: F401 (fixtures)
+from launcher.providers import AuthError, NoCapacity, Offer, ProviderError, ProviderTimeout, get_provider
+from launcher.providers.http import JsonClient
+
+PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake ftl@test"
+
+
+class Clock:
+    """Fake time: sleep() advances it and records the wait, so polling and backoff cost nothing."""
+
+    def __init__(self):
+        self.now, self.sleeps = 1000.0, []
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+    def clock(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def provider(name: str, clock: Clock, **kw):
+    return get_provider(name, sleep=clock.sleep, clock=clock.clock, poll_s=1.0, rng=lambda: 0.5, **kw)
+
+
+def _reqs(fake, method: str, prefix: str) -> list[dict]:
+    return [r for r in fake.requests if r["method"] == method and r["path"].startswith(prefix)]
+
+
+RP_H100 = Offer("runpod", "h100-sxm", "NVIDIA H100 80GB HBM3", 1, 2.99, "US-TX-3", True, "SECURE")
+LM_H100 = Offer("lambda", "h100-pcie", "gpu_1x_h100_pcie", 1, 2.49, "us-west-1", True)
+LM_8XH100 = Offer("lambda", "h100-sxm", "gpu_8x_h100_sxm5", 8, 23.92, "us-south-1", True)
+
+
+# --- offers ----------------------------------------------------------------------------------------
+
+
+def test_runpod_offers_map_catalog_names_prices_and_regions(fake_runpod, clock):
+    p = provider("runpod", clock)
+    h = p.offers("h100-sxm")
+    assert {(o.cloud_type, o.region, o.available) for o in h} == {
+        ("SECURE", "US-TX-3", True), ("SECURE", "EU-RO-1", False),
+        ("COMMUNITY", "US-TX-3", True), ("COMMUNITY", "EU-RO-1", False)}
+    assert all(o.gpu == "h100-sxm" and o.gpu_type == "NVIDIA H100 80GB HBM3" for o in h)
+    assert h[0] == Offer("runpod", "h100-sxm", "NVIDIA H100 80GB HBM3", 1, 2.49, "US-TX-3", True, "COMMUNITY")
+    assert p.offers("NVIDIA H100 80GB HBM3") == h  # the provider's id works too
+    q = _reqs(fake_runpod, "GET", "/v2/catalog/gpus")[0]["query"]
+    assert "include=AVAILABILITY" in q and "product=POD" in q
+    every = p.offers()
+    assert {o.gpu for o in every if o.gpu_type == "NVIDIA RTX PRO 6000 Blackwell"} == {None}  # not in the catalog
+    eight = p.offers("rtx-4090", gpus=8)  # community maxCount is 4
+    assert [(o.cloud_type, o.price_per_hour) for o in eight] == [("SECURE", 3.52)]
+    assert not fake_runpod.crashes
+
+
+def test_lambda_offers_cents_per_instance_and_capacity(fake_lambda, clock):
+    p = provider("lambda", clock)
+    one = p.offers()
+    by = {(o.gpu_type, o.region): o for o in one}
+    assert by[("gpu_1x_h100_pcie", "us-west-1")] == LM_H100
+    assert by[("gpu_1x_h100_pcie", "us-east-1")].available
+    assert by[("gpu_1x_a100_sxm4", None)].available is False and by[("gpu_1x_a100_sxm4", None)].gpu == "a100-40gb"
+    assert by[("gpu_1x_gh200", "us-east-1")].gpu is None
+    assert not any(o.gpu_type.startswith("cpu") for o in one)
+    assert one[-1].gpu_type == "gpu_1x_a100_sxm4"  # unavailable last
+    assert p.offers("h100-sxm", gpus=8) == [LM_8XH100]
+    assert p.offers("h100-pcie") == [o for o in one if o.gpu == "h100-pcie"]
+
+
+# --- create, wait, list, terminate -----------------------------------------------------------------
+
+
+def test_runpod_create_wait_ready_list_terminate(fake_runpod, clock):
+    fake_runpod.on_create = lambda pod: {"ssh_host": "127.0.0.1", "ssh_port": 2222}
+    p = provider("runpod", clock)
+    inst = p.create("ftl-abc-0", RP_H100, PUB, env={"FTL_RUN": "abc"}, disk_gb=80)
+    assert (inst.status, inst.raw_status, inst.name, inst.ssh_host) == ("pending", "PROVISIONING", "ftl-abc-0", None)
+    body = _reqs(fake_runpod, "POST", "/v2/pods")[0]["json"]
+    assert body["env"]["PUBLIC_KEY"] == PUB and body["env"]["FTL_RUN"] == "abc" and "22/tcp" in body["ports"]
+    assert body["gpu"] == {"id": "NVIDIA H100 80GB HBM3", "count": 1} and body["dataCenterIds"] == ["US-TX-3"]
+    assert body["disk"] == 80 and body["cloud"] == "SECURE"
+    ready = p.wait_ready(inst.id, timeout_s=60)
+    assert (ready.status, ready.ssh_host, ready.ssh_port, ready.ssh_user) == ("running", "127.0.0.1", 2222, "root")
+    assert ready.price_per_hour == 2.99 and ready.gpus == 1 and ready.created_at and ready.region == "US-TX-3"
+    other = p.create("someone-else", RP_H100, PUB)
+    assert [i.id for i in p.list()] == [inst.id]
+    assert [i.id for i in p.find("ftl-abc-0")] == [inst.id] and p.find("ftl-abc") == []
+    p.terminate(inst.id)
+    p.terminate(inst.id)  # already gone: fine
+    assert p.get(inst.id) is None and p.list() == []
+    assert [i["id"] for i in fake_runpod.running()] == [other.id]
+    assert not fake_runpod.crashes
+
+
+def test_runpod_terminated_status_is_normalized(fake_runpod, clock):
+    fake_runpod.keep_terminated = True
+    p = provider("runpod", clock)
+    inst = p.create("ftl-t-0", RP_H100, PUB)
+    p.terminate(inst.id)
+    got = p.get(inst.id)
+    assert (got.status, got.raw_status) == ("terminated", "TERMINATED")
+    p.terminate(inst.id)
+
+
+def test_lambda_create_wait_ready_list_terminate(fake_lambda, clock):
+    fake_lambda.on_create = lambda d: {"ssh_host": "127.0.0.5", "private_ip": "10.0.2.7"}
+    p = provider("lambda", clock)
+    inst = p.create("ftl-xyz-0", LM_H100, PUB, image="lambda-stack-22-04", env={"FTL_RUN": "xyz 1"})
+    assert (inst.status, inst.raw_status, inst.ssh_host, inst.ssh_user) == ("pending", "booting", None, "ubuntu")
+    launch = _reqs(fake_lambda, "POST", "/api/v1/instance-operations/launch")[0]["json"]
+    assert launch["name"] == "ftl-xyz-0" and launch["region_name"] == "us-west-1" and "quantity" not in launch
+    assert launch["image"] == {"family": "lambda-stack-22-04"} and "FTL_RUN='xyz 1'" in launch["user_data"]
+    assert len(launch["ssh_key_names"]) == 1 and fake_lambda.ssh_keys[0]["public_key"] == PUB
+    ready = p.wait_ready(inst.id, timeout_s=60)
+    assert (ready.status, ready.ssh_host, ready.ssh_port, ready.private_ip) == ("running", "127.0.0.5", 22, "10.0.2.7")
+    assert ready.price_per_hour == 2.49 and ready.gpus == 1 and ready.region == "us-west-1"
+    # a second instance reuses the registered key (matched by key material, not comment)
+    other = p.create("not-ours", LM_H100, PUB.rsplit(" ", 1)[0] + " other-comment")
+    assert len(_reqs(fake_lambda, "POST", "/api/v1/ssh-keys")) == 1
+    assert [i.id for i in p.list()] == [inst.id] and [i.id for i in p.find("ftl-xyz-0")] == [inst.id]
+    p.terminate(inst.id)
+    p.terminate(inst.id)
+    assert p.get(inst.id) is None and p.list() == []
+    assert [i["id"] for i in fake_lambda.running()] == [other.id]
+    assert not fake_lambda.crashes
+
+
+# --- multi-node ------------------------------------------------------------------------------------
+
+
+def test_runpod_cluster_ranks_private_ips_and_whole_cluster_terminate(fake_runpod, clock):
+    ips = iter(["10.65.0.2", "10.65.0.3"])
+    ports = iter([2201, 2202])
+    fake_runpod.on_create = lambda pod: {"private_ip": next(ips), "ssh_port": next(ports)}
+    p = provider("runpod", clock)
+    nodes = p.create_cluster("ftl-c1", RP_H100, 2, PUB)
+    assert [(n.rank, n.private_ip) for n in nodes] == [(0, "10.65.0.2"), (1, "10.65.0.3")]
+    assert all(n.cluster_id == nodes[0].cluster_id for n in nodes)
+    body = _reqs(fake_runpod, "POST", "/v2/clusters")[0]["json"]
+    assert body["compute"] == {"gpuTypeId": "NVIDIA H100 80GB HBM3", "gpuCountPerPod": 1, "podCount": 2}
+    assert body["type"] == "TRAINING" and body["env"]["PUBLIC_KEY"] == PUB
+    ready = [p.wait_ready(n.id, timeout_s=60) for n in nodes]
+    assert [(r.rank, r.ssh_port, r.private_ip) for r in ready] == [(0, 2201, "10.65.0.2"), (1, 2202, "10.65.0.3")]
+    env = fake_runpod.running()[1]["env"]
+    assert env["NODE_RANK"] == "1" and env["MASTER_ADDR"] == "10.65.0.2" and env["WORLD_SIZE"] == "2"
+    # member pods carry RunPod's names; ours are found through the cluster's name
+    assert not any(n.name.startswith("ftl-") for n in nodes)
+    assert sorted(i.id for i in p.list()) == sorted(n.id for n in nodes)
+    assert len(p.find("ftl-c1")) == 2
+    p.terminate(nodes[1].id)  # a member: RunPod answers 409, so the cluster goes
+    assert fake_runpod.running() == [] and p.list() == []
+    p.terminate(nodes[0].id)
+
+
+def test_lambda_cluster_launches_one_by_one_ranked_and_paced(fake_lambda, clock):
+    ips = iter(["10.0.0.10", "10.0.0.11", "10.0.0.12"])
+    fake_lambda.on_create = lambda d: {"private_ip": next(ips)}
+    p = provider("lambda", clock)
+    nodes = p.create_cluster("ftl-c2", LM_8XH100, 3, PUB)
+    assert [(n.name, n.rank) for n in nodes] == [("ftl-c2-0", 0), ("ftl-c2-1", 1), ("ftl-c2-2", 2)]
+    launches = _reqs(fake_lambda, "POST", "/api/v1/instance-operations/launch")
+    assert len(launches) == 3 and all("quantity" not in r["json"] for r in launches)
+    assert clock.sleeps.count(12.0) == 2  # Lambda's one launch per 12 s
+    ready = [p.wait_ready(n.id, timeout_s=60) for n in nodes]
+    assert [(r.rank, r.private_ip) for r in ready] == [(0, "10.0.0.10"), (1, "10.0.0.11"), (2, "10.0.0.12")]
+    assert sorted(i.rank for i in p.list("ftl-c2-")) == [0, 1, 2]  # rank survives in a tag
+
+
+def test_lambda_cluster_is_all_or_nothing(fake_lambda, clock):
+    made = []
+
+    def hook(d):
+        made.append(d["id"])
+        if len(made) == 2:
+            fake_lambda.no_capacity = True
+
+    fake_lambda.on_create = hook
+    p = provider("lambda", clock)
+    with pytest.raises(NoCapacity, match="Not enough capacity"):
+        p.create_cluster("ftl-c3", LM_H100, 3, PUB)
+    assert fake_lambda.running() == []
+
+
+# --- retries and errors ----------------------------------------------------------------------------
+
+
+def test_500_and_429_are_retried_with_backoff_and_retry_after(fake_runpod, fake_lambda, clock):
+    rp, lm = provider("runpod", clock), provider("lambda", clock)
+    fake_runpod.fail_next(500, n=2, path_prefix="/v2/pods")
+    assert rp.list() == []
+    assert len(_reqs(fake_runpod, "GET", "/v2/pods")) == 3
+    assert clock.sleeps == [1.0, 2.0]  # backoff 1 s doubling (jitter pinned by rng)
+    clock.sleeps.clear()
+    fake_lambda.fail_next(429, n=2, path_prefix="/api/v1/instances", retry_after=7)
+    assert lm.list() == []
+    assert len(_reqs(fake_lambda, "GET", "/api/v1/instances")) == 3 and clock.sleeps == [7.0, 7.0]
+    fake_lambda.fail_next(503, n=4)
+    with pytest.raises(ProviderError, match="after 4 attempts.*HTTP 503") as e:
+        lm.offers()
+    assert e.value.status == 503
+
+
+def test_create_post_is_not_repeated_blindly_after_a_5xx(fake_runpod, clock):
+    p = provider("runpod", clock)
+    fake_runpod.fail_next(502, path_prefix="/v2/pods")
+    inst = p.create("ftl-r-0", RP_H100, PUB)  # 502 (nothing made), looked up, created once
+    assert len(_reqs(fake_runpod, "POST", "/v2/pods")) == 2 and len(fake_runpod.running()) == 1
+    calls = []
+
+    def crash_once(pod):  # the pod is made, then the server fails: RunPod's billed-behind-a-5xx case
+        calls.append(pod)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    fake_runpod.on_create = crash_once
+    again = p.create("ftl-r-1", RP_H100, PUB)
+    assert len(_reqs(fake_runpod, "POST", "/v2/pods")) == 3  # not posted twice
+    assert sorted(i["name"] for i in fake_runpod.running()) == ["ftl-r-0", "ftl-r-1"] and again.name == "ftl-r-1"
+    assert inst.name == "ftl-r-0"
+
+
+def test_429_on_create_is_retried(fake_lambda, clock):
+    p = provider("lambda", clock)
+    fake_lambda.fail_next(429, path_prefix="/api/v1/instance-operations/launch", retry_after=3)
+    p.create("ftl-q-0", LM_H100, PUB)
+    assert len(_reqs(fake_lambda, "POST", "/api/v1/instance-operations/launch")) == 2 and 3.0 in clock.sleeps
+
+
+def test_other_4xx_are_not_retried_and_show_the_providers_message(fake_runpod, fake_lambda, clock):
+    rp, lm = provider("runpod", clock), provider("lambda", clock)
+    fake_runpod.fail_next(403, path_prefix="/v2/pods", message="access denied")
+    with pytest.raises(ProviderError, match="HTTP 403: access denied.*RUNPOD_API_KEY") as e:
+        rp.get("abc")
+    assert e.value.status == 403 and len(_reqs(fake_runpod, "GET", "/v2/pods")) == 1
+    bogus = Offer("runpod", None, "NVIDIA Imaginary 1", 1, 1.0, None, True, "SECURE")
+    with pytest.raises(ProviderError, match="unknown gpu type id") as e:
+        rp.create("ftl-b-0", bogus, PUB)
+    assert not isinstance(e.value, NoCapacity) and len(_reqs(fake_runpod, "POST", "/v2/pods")) == 1
+    with pytest.raises(ProviderError, match="global/invalid-parameters: Invalid request data. instance_type_name") as e:
+        lm.create("ftl-b-1", Offer("lambda", None, "gpu_1x_nope", 1, 1.0, "us-west-1", True), PUB)
+    assert e.value.status == 400 and e.value.code == "global/invalid-parameters"
+    assert len(_reqs(fake_lambda, "POST", "/api/v1/instance-operations/launch")) == 1
+    assert clock.sleeps == []
+
+
+def test_network_errors_are_retried_then_reported(clock):
+    with FakeRunPod() as f:
+        url = f.url  # a port that was free and is closed again
+    p = provider("runpod", clock, key=RUNPOD_KEY, base_url=url)
+    with pytest.raises(ProviderError, match="after 4 attempts.*Connect"):
+        p.get("x")
+    assert len(clock.sleeps) == 3
+
+
+def test_no_capacity(fake_runpod, fake_lambda, clock):
+    rp, lm = provider("runpod", clock), provider("lambda", clock)
+    fake_runpod.no_capacity = fake_lambda.no_capacity = True
+    with pytest.raises(NoCapacity, match="no longer any instances available") as e:
+        rp.create("ftl-n-0", RP_H100, PUB)
+    assert e.value.status == 400
+    with pytest.raises(NoCapacity, match="no longer any instances available"):
+        rp.create_cluster("ftl-n-1", RP_H100, 2, PUB)
+    with pytest.raises(NoCapacity, match="Not enough capacity to fulfill launch request") as e:
+        lm.create("ftl-n-2", LM_H100, PUB)
+    assert e.value.code == "instance-operations/launch/insufficient-capacity"
+    with pytest.raises(NoCapacity, match="no region with capacity"):
+        lm.create("ftl-n-3", Offer("lambda", "a100-40gb", "gpu_1x_a100_sxm4", 1, 1.29, None, False), PUB)
+    assert fake_runpod.running() == [] and fake_lambda.running() == []
+
+
+@pytest.mark.parametrize("name", ["runpod", "lambda"])
+def test_never_ready_times_out(name, fake_runpod, fake_lambda, clock):
+    fake = fake_runpod if name == "runpod" else fake_lambda
+    fake.never_ready = True
+    p = provider(name, clock)
+    inst = p.create("ftl-slow-0", RP_H100 if name == "runpod" else LM_H100, PUB)
+    with pytest.raises(ProviderTimeout, match=f"{inst.id}.*not ready after 30s"):
+        p.wait_ready(inst.id, timeout_s=30, poll_s=5)
+    assert len(fake.running()) == 1  # the caller decides to terminate
+    p.terminate(inst.id)
+
+
+def test_ready_after_seconds(clock):
+    with FakeRunPod(ready_after_polls=10**6, ready_after_s=0.0) as f:
+        p = provider("runpod", clock, key=f.key, base_url=f.url)
+        inst = p.create("ftl-s-0", RP_H100, PUB)
+        assert p.wait_ready(inst.id, timeout_s=5).status == "running"
+
+
+# --- keys ------------------------------------------------------------------------------------------
+
+
+def test_missing_key_names_the_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv("FTL_CONFIG_DIR", str(tmp_path))
+    for env, name in (("RUNPOD_API_KEY", "runpod"), ("LAMBDA_API_KEY", "lambda")):
+        monkeypatch.delenv(env, raising=False)
+        with pytest.raises(AuthError, match=env) as e:
+            get_provider(name)
+        assert e.value.env_var == env and "credentials.yaml" in str(e.value)
+
+
+def test_credentials_file_and_its_mode(fake_lambda, monkeypatch, tmp_path, caplog, clock):
+    monkeypatch.delenv("LAMBDA_API_KEY")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    monkeypatch.setenv("FTL_CONFIG_DIR", str(cfg))
+    f = cfg / "credentials.yaml"
+    f.write_text(f"lambda:\n  api_key: {LAMBDA_KEY}\n")
+    os.chmod(f, 0o644)
+    with caplog.at_level(logging.WARNING, logger="ftl.providers"):
+        assert provider("lambda", clock).list() == []
+    assert "chmod 600" in caplog.text and LAMBDA_KEY not in caplog.text
+    caplog.clear()
+    os.chmod(f, 0o600)
+    with caplog.at_level(logging.WARNING, logger="ftl.providers"):
+        provider("lambda", clock)
+    assert "chmod" not in caplog.text
+
+
+def test_the_key_never_shows(fake_runpod, fake_lambda, monkeypatch, caplog, clock):
+    caplog.set_level(logging.DEBUG)
+    seen = []
+    rp, lm = provider("runpod", clock), provider("lambda", clock)
+    fake_runpod.fail_next(400, path_prefix="/v2/pods", message=f"bad request from token {RUNPOD_KEY}")
+    fake_lambda.fail_next(500, n=4, message=f"upstream said {LAMBDA_KEY}")
+    for call in (lambda: rp.get("x"), lm.list):
+        with pytest.raises(ProviderError) as e:
+            call()
+        seen += [str(e.value), repr(e.value)]
+    assert "token ***" in seen[0]
+    monkeypatch.setenv("RUNPOD_API_KEY", "rpa_WRONG_key_000")
+    with pytest.raises(AuthError, match="HTTP 401.*RUNPOD_API_KEY") as e:
+        provider("runpod", clock).list()
+    assert e.value.status == 401
+    seen += [str(e.value), repr(e.value), repr(rp), repr(lm), repr(rp.http), repr(lm.http), str(vars(rp.http).keys())]
+    seen.append(caplog.text)
+    for text in seen:
+        assert RUNPOD_KEY not in text and LAMBDA_KEY not in text and "rpa_WRONG_key_000" not in text
+    assert all(r["headers"].get("Authorization") in (None, "<redacted>") for r in fake_runpod.requests)
+
+
+# --- the fakes themselves --------------------------------------------------------------------------
+
+
+def test_fakes_check_auth_and_fields(fake_runpod, fake_lambda):
+    with httpx.Client() as c:
+        r = c.get(fake_runpod.url + "/v2/pods")
+        assert r.status_code == 401 and r.headers["content-type"] == "application/problem+json"
+        assert r.json() == {"title": "Unauthorized", "status": 401, "detail": "missing bearer token"}
+        assert c.get(fake_runpod.url + "/v2/pods", headers={"Authorization": "Bearer nope"}).status_code == 401
+        ok = {"Authorization": f"Bearer {RUNPOD_KEY}"}
+        r = c.get(fake_runpod.url + "/v2/pods", headers=ok)
+        assert r.status_code == 200 and r.json() == {"pods": []} and "RateLimit" in r.headers
+        r = c.post(fake_runpod.url + "/v2/pods", headers=ok,
+                   json={"name": "x", "image": "i", "gpu": {"id": "NVIDIA H100 80GB HBM3", "minRamPerGpu": 8}, "bogus": 1})
+        assert r.status_code == 422 and "$: additional properties 'bogus' not allowed" in r.json()["errors"]
+        assert "$.gpu: additional properties 'minRamPerGpu' not allowed" in r.json()["errors"]
+        r = c.post(fake_runpod.url + "/v2/pods", headers=ok, json={"name": "x", "gpu": {"id": "NVIDIA H100 80GB HBM3"}})
+        assert r.status_code == 400 and r.json()["status"] == 400 and "image" in r.json()["detail"]
+        r = c.get(fake_runpod.url + "/v2/catalog/gpus?include=AVAILABILITY", headers=ok)
+        assert r.status_code == 400
+
+        r = c.get(fake_lambda.url + "/api/v1/instances", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "global/invalid-api-key"
+        basic = base64.b64encode(f"{LAMBDA_KEY}:".encode()).decode()
+        assert c.get(fake_lambda.url + "/api/v1/instances", headers={"Authorization": f"Basic {basic}"}).json() == {"data": []}
+        lk = {"Authorization": f"Bearer {LAMBDA_KEY}"}
+        r = c.post(fake_lambda.url + "/api/v1/instance-operations/launch", headers=lk, json={"region_name": "us-west-1"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "global/invalid-parameters"
+        c.post(fake_lambda.url + "/api/v1/ssh-keys", headers=lk, json={"name": "k", "public_key": PUB})
+        r = c.post(fake_lambda.url + "/api/v1/instance-operations/launch", headers=lk,
+                   json={"region_name": "us-west-1", "instance_type_name": "gpu_1x_h100_pcie", "ssh_key_names": ["k"],
+                         "quantity": 2})
+        assert r.status_code == 400 and "Requested too many instances" in r.json()["error"]["message"]
+    assert not fake_runpod.crashes and not fake_lambda.crashes
+
+
+def test_unknown_provider():
+    with pytest.raises(ProviderError, match="Did you mean 'runpod'"):
+        get_provider("runpd")
+
+
+def test_client_repr_and_scrub():
+    c = JsonClient("runpod", RUNPOD_KEY, "http://127.0.0.1:9")
+    assert RUNPOD_KEY not in repr(c) and c.scrub(f"x {RUNPOD_KEY} y") == "x *** y"
+    c.close()
