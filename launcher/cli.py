@@ -275,10 +275,20 @@ def launch(
     force: bool = typer.Option(False, "--force", help="Launch even if the estimate says it does not fit."),
     resume: Optional[str] = typer.Option(None, "--resume", help="Continue RUN (an id or run dir) from its newest complete checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run plan, or the final state) instead of text."),
+    export: Optional[Path] = typer.Option(None, "--export", help="SLURM profiles: prepare the run directory and write a "
+                                          "standalone sbatch script to this file instead of submitting."),
 ) -> None:
-    """Check, plan and run RECIPE on this machine; the run lives in runs/<run id>/.
+    """Check, plan and run RECIPE; the run lives in runs/<run id>/.
 
-    Example: ftl launch recipes/smoke.yaml --gpus-per-node 2 --set parallel.strategy=zero3
+    Where it runs is the cluster profile's provider: local (this machine), slurm (submitted through
+    submitit, one task per node; Ctrl-C stops following, the job keeps running), ssh (one launch per
+    host over SSH, detached from the connection).
+
+    Examples:
+      ftl launch recipes/smoke.yaml --gpus-per-node 2 --set parallel.strategy=zero3
+      ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2
+      ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2 --export job.sbatch
+      ftl launch recipes/smoke.yaml --cluster cluster/my-hosts.yaml --nodes 2
     """
     from launcher.backends import get_backend
     from launcher.recipe import load_recipe
@@ -305,6 +315,9 @@ def launch(
             else:
                 render_dry_run(p)
             return
+        if export is not None:
+            _export(p, export, as_json)
+            return
         backend = get_backend(p.recipe.cluster.provider, echo=not as_json)
         if not as_json:
             for w in p.warnings or []:
@@ -312,8 +325,10 @@ def launch(
         run = write_run(p)
         if not as_json:
             verb = f"resuming {run.id} from {p.resume_from.name}" if p.resume_from else f"run {run.id}"
-            err_console.print(f"[bold]{verb}[/]: {p.plan.strategy} · {p.plan.world_size} process(es) on "
-                              f"{p.plan.device} · log {escape(str(run.log_path))}", highlight=False, soft_wrap=True)
+            where = "" if p.plan.nodes == 1 else f" ({p.plan.nodes} nodes × {p.plan.gpus_per_node})"
+            err_console.print(f"[bold]{verb}[/]: {p.plan.strategy} · {p.plan.world_size} process(es){where} on "
+                              f"{p.plan.device} · {p.recipe.cluster.provider} · log {escape(str(run.log_path))}",
+                              highlight=False, soft_wrap=True)
         handle = backend.launch(run, resume_from=str(p.resume_from) if p.resume_from else None, spec=p.spec, secrets=p.secrets)
         status = backend.wait(handle)
     except FtlError as e:
@@ -324,6 +339,8 @@ def launch(
     st = run.state()
     if as_json:
         sys.stdout.write(json.dumps(st, indent=2) + "\n")
+    if status == "running":  # a scheduler job we stopped following
+        return
     if status == "completed":
         if not as_json:
             ckpt = run.newest_checkpoint()
@@ -335,24 +352,60 @@ def launch(
         err_console.print(f"[yellow]run {run.id} stopped[/]; "
                           + (f"continue it with: ftl launch --resume {run.id}" if ckpt else "it left no complete checkpoint"),
                           highlight=False)
-        raise typer.Exit(128 + int(handle.stop_signal or 15))
-    _fail(FtlError(f"run {run.id} failed (exit code {st.get('returncode')}); log: {run.log_path}"))
+        raise typer.Exit(128 + int(getattr(handle, "stop_signal", None) or 15))
+    why = st.get("error") or f"exit code {st.get('returncode')}; log: {run.log_path}"
+    _fail(FtlError(f"run {run.id} failed: {why}"))
+
+
+def _export(p, target: Path, as_json: bool) -> None:
+    """--export: the run directory is prepared (state 'created') and the sbatch script written."""
+    from launcher.backends.slurm import export_sbatch, path_for_export
+    from launcher.runs import write_atomic, write_run
+
+    if p.recipe.cluster.provider != "slurm":
+        raise FtlError(f"--export writes an sbatch script: it needs a SLURM profile (cluster.provider is "
+                       f"{p.recipe.cluster.provider!r}); use --cluster cluster/<slurm profile>.yaml")
+    if p.resume_from is not None:
+        raise FtlError("--export with --resume: submit the run's own job.sbatch again (it continues from the newest "
+                       "complete checkpoint)")
+    target = path_for_export(target)
+    run = write_run(p)
+    run.update_state(launcher_pid=None)
+    text = export_sbatch(run, p.recipe, p.plan.device)
+    write_atomic(run.dir / "job.sbatch", text, mode=0o755)
+    write_atomic(target, text, mode=0o755)
+    if as_json:
+        sys.stdout.write(json.dumps({"run_id": run.id, "run_dir": str(run.dir), "script": str(target)}, indent=2) + "\n")
+        return
+    err_console.print(f"wrote {escape(str(target))} for run {run.id}; submit it with: sbatch {escape(str(target))}",
+                      highlight=False, soft_wrap=True)
 
 
 def _run_row(run) -> dict[str, Any]:
     from launcher.runs import effective_status
 
     try:
-        st = run.state()
         status = effective_status(run)
+        st = run.state()
         m = run.last_metrics() or {}
         res = run.result() or {}
     except FtlError:  # a damaged state.json/result.json: list the run anyway
-        return {"id": run.id, "status": "unreadable", "recipe": None, "started": None, "ended": None, "step": None,
-                "loss": None, "dir": str(run.dir)}
+        return {"id": run.id, "status": "unreadable", "recipe": None, "backend": None, "where": None, "started": None,
+                "ended": None, "step": None, "loss": None, "dir": str(run.dir)}
     step = m.get("step", res.get("global_step", res.get("steps")))
-    return {"id": run.id, "status": status, "recipe": st.get("recipe"), "started": st.get("started"),
-            "ended": st.get("ended"), "step": step, "loss": m.get("loss"), "dir": str(run.dir)}
+    return {"id": run.id, "status": status, "recipe": st.get("recipe"), "backend": st.get("backend") or "local",
+            "where": _where(st), "started": st.get("started"), "ended": st.get("ended"), "step": step,
+            "loss": m.get("loss"), "dir": str(run.dir)}
+
+
+def _where(st: dict[str, Any]) -> str:
+    """Where a run executes, in a few words: SLURM job and state, SSH hosts, local pid."""
+    if st.get("slurm"):
+        sl = st["slurm"]
+        return f"job {sl.get('job_id')}" + (f" {sl['state']}" if sl.get("state") else "")
+    if st.get("hosts"):
+        return ",".join(str(h.get("host")) for h in st["hosts"])
+    return f"pid {st['pid']}" if st.get("pid") and st.get("status") == "running" else ""
 
 
 @app.command("runs")
@@ -373,20 +426,20 @@ def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     colors = {"completed": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "created": "dim"}
     t = Table(show_edge=False)
     t.add_column("id", no_wrap=True, min_width=max(len(r["id"]) for r in rows))  # ids are copied: never cut
-    for col in ("status", "recipe", "started", "steps", "loss"):
+    for col in ("status", "recipe", "backend", "where", "started", "steps", "loss"):
         t.add_column(col, justify="right" if col in ("steps", "loss") else "left")
     for r in rows:
         c = colors.get(r["status"], "white")
         loss = "" if not isinstance(r["loss"], (int, float)) else f"{r['loss']:.4g}"
         started = (r["started"] or "")[:16].replace("T", " ")
-        t.add_row(r["id"], f"[{c}]{r['status']}[/]", escape(r["recipe"] or ""), started,
-                  "" if r["step"] is None else str(r["step"]), loss)
+        t.add_row(r["id"], f"[{c}]{r['status']}[/]", escape(r["recipe"] or ""), r["backend"] or "",
+                  escape(r["where"] or ""), started, "" if r["step"] is None else str(r["step"]), loss)
     console.print(t)
 
 
 @app.command("ps")
 def ps(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Same as `ftl runs`."""
+    """Same as `ftl runs`: every run under ./runs, whatever its backend (local, SLURM, SSH), with where it runs."""
     list_runs_cmd(as_json)
 
 
@@ -452,16 +505,19 @@ def status(
 def logs(
     run: str = typer.Argument(..., help="Run id or directory."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the run ends."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Multi-node runs: the log of node N (its processes' "
+                                       "output, logs/node-N.log); default node 0."),
 ) -> None:
-    """Print a run's launch log (logs/launch.log)."""
+    """Print a run's log: logs/launch.log on this machine, node 0's log (or --rank N) on SLURM/SSH."""
     from launcher.backends import get_backend
 
     try:
         r = _find(run)
         backend = get_backend(r.state().get("backend") or "local")
-        if not r.log_path.is_file() and not follow:
-            raise FtlError(f"run {r.id} has no log yet ({r.log_path})")
-        for line in backend.logs(r, follow=follow):
+        path = r.log_path if (r.state().get("backend") or "local") == "local" else r.dir / "logs" / f"node-{rank or 0}.log"
+        if not path.is_file() and not follow:
+            raise FtlError(f"run {r.id} has no log yet ({path})")
+        for line in backend.logs(r, follow=follow, rank=rank):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
     except FtlError as e:
@@ -471,8 +527,15 @@ def logs(
 
 
 @app.command()
+def cancel(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
+    """Ask a run to save a checkpoint and stop: on every rank, on every node (SIGTERM; a pending SLURM job is
+    cancelled). Continue it later with ftl launch --resume RUN."""
+    stop(run)
+
+
+@app.command()
 def stop(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
-    """Ask a running run to save a checkpoint and stop (SIGTERM to its launcher)."""
+    """Same as `ftl cancel`."""
     from launcher.backends import get_backend
 
     try:

@@ -115,6 +115,18 @@ class Budget(_Strict):
     max_hours: float | None = Field(None, gt=0)
 
 
+class Host(_Strict):
+    """One machine of an SSH cluster (provider: ssh)."""
+
+    host: str = Field(..., min_length=1, description="Address or name ftl connects to over SSH.")
+    port: int = Field(22, gt=0, lt=65536)
+    user: str | None = Field(None, description="Login user (default: ssh's own default).")
+    key: str | None = Field(None, description="Private key file (default: ssh's own keys and agent).")
+    address: str | None = Field(None, description="Address the other nodes reach this one at (default: host); "
+                                                  "on rented GPUs the private IP.")
+    python: str | None = Field(None, description="Python on this host (default: the cluster's python).")
+
+
 class Cluster(_Strict):
     name: str = "local"
     provider: Provider = "local"
@@ -140,7 +152,9 @@ class Cluster(_Strict):
     setup: list[str] = Field(default_factory=list)
     sbatch_options: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
-    hosts: list[dict[str, Any]] = Field(default_factory=list)
+    hosts: list[Host] = Field(default_factory=list)
+    python: str | None = Field(None, description="Python interpreter on the nodes (slurm, ssh); default: the one running ftl.")
+    workdir: str | None = Field(None, description="Directory the nodes start in (ssh); default: the current directory.")
     region: str | None = None
     image: str | None = None
     cloud_type: Literal["secure", "community"] | None = None

@@ -166,6 +166,8 @@ def accelerate_config(plan: Plan, precision: str, offload: str = "none", deepspe
         # with deepspeed_config_file, every other DeepSpeed setting (mixed precision included) must be
         # in the JSON, or Accelerate refuses to start
         cfg["deepspeed_config"] = {"deepspeed_config_file": deepspeed_path or "deepspeed.json", "zero3_init_flag": False}
+        if plan.nodes > 1:  # torchrun on every node (ftl starts one per node), not DeepSpeed's pdsh launcher
+            cfg["deepspeed_config"]["deepspeed_multinode_launcher"] = "standard"
     elif plan.strategy == "fsdp":
         cfg["distributed_type"] = "FSDP"
         cfg["fsdp_config"] = fsdp_settings(offload)
@@ -281,9 +283,14 @@ def launch_spec(
     extra_env: dict[str, str] | None = None,
     cwd: str | None = None,
     module: str = TRAIN_MODULE,
+    machine_rank: int = 0,
+    main_addr: str | None = None,
 ) -> LaunchSpec:
     """`python -m accelerate.commands.launch ... -m launcher.train --run-dir RUN_DIR [--resume-from CKPT]`
-    with the environment the plan's device and strategy need (see the module docstring)."""
+    with the environment the plan's device and strategy need (see the module docstring).
+
+    On several nodes this is one node's line: its `machine_rank` and the first node's `main_addr` and
+    `port` as a static rendezvous, so ranks follow the node order ftl gives (c10d would ignore it)."""
     if plan.strategy not in STRATEGIES:
         raise ValueError(f"strategy {plan.strategy!r} is not one of {', '.join(STRATEGIES)}")
     run_dir = str(run_dir)
@@ -308,6 +315,11 @@ def launch_spec(
         if plan.strategy == "ddp":
             argv.append("--multi_gpu")
         argv += ["--num_processes", str(n), "--num_machines", str(plan.nodes)]
+        if plan.nodes > 1:
+            if not main_addr or port is None:
+                raise ValueError("a multi-node launch line needs the main node's address and port")
+            argv += ["--machine_rank", str(machine_rank), "--main_process_ip", main_addr, "--rdzv_backend", "static",
+                     "--same_network"]
         if port is not None:
             argv += ["--main_process_port", str(port)]
     argv += ["--mixed_precision", mixed_precision(precision)]

@@ -395,6 +395,10 @@ def effective_status(run: Run, repair: bool = True) -> str:
     status = st.get("status", "created")
     if status not in ACTIVE:
         return status
+    if st.get("backend", "local") != "local":  # the scheduler or the hosts know, not local pids
+        from launcher.backends import get_backend
+
+        return get_backend(st["backend"], echo=False).status(run).get("status", status)
     if status == "created" and not st.get("launcher_pid"):
         return status
     if pid_alive(st.get("launcher_pid")) or group_alive(st.get("pgid")):
@@ -476,25 +480,44 @@ def _secrets(recipe: Any) -> tuple[dict[str, str], dict[str, str]]:
 def check_local(recipe: Any, device: str, gpu_count: int) -> list[str]:
     """What the local provider cannot run, as FtlErrors; returns warnings for what it can."""
     cl = recipe.cluster
-    warnings: list[str] = []
     if cl.nodes > 1:
         raise FtlError(f"cluster.nodes = {cl.nodes}: the local provider runs on this machine only (1 node); "
-                       "use --nodes 1, or a SLURM/SSH cluster profile once multi-node launching lands")
+                       "use --nodes 1, or a SLURM or SSH cluster profile (--cluster cluster/<profile>.yaml)")
     if device == "cuda" and cl.gpus_per_node > gpu_count:
         raise FtlError(f"cluster.gpus_per_node = {cl.gpus_per_node}: this machine has {gpu_count} GPU(s); "
                        f"use --gpus-per-node {gpu_count} or fewer")
-    if device == "cpu":
-        if recipe.train.precision == "fp16":
-            raise FtlError("train.precision = 'fp16': fp16 training needs a GPU (no GPU here, the run would be on the "
-                           "CPU); use --set train.precision=bf16 (or fp32)")
-        if recipe.train.attn_implementation == "flash_attention_2":
-            raise FtlError("train.attn_implementation = 'flash_attention_2': FlashAttention needs a GPU; "
-                           "use --set train.attn_implementation=sdpa")
-        from launcher.render import available_cores
+    return check_cpu(recipe) if device == "cpu" else []
 
-        cores = available_cores()
-        if cl.gpus_per_node > cores:
-            warnings.append(f"{cl.gpus_per_node} CPU processes on {cores} cores: expect it to be slow")
+
+def check_cpu(recipe: Any) -> list[str]:
+    """What a CPU world cannot run (errors) and what it runs slowly (warnings)."""
+    if recipe.train.precision == "fp16":
+        raise FtlError("train.precision = 'fp16': fp16 training needs a GPU (no GPU here, the run would be on the "
+                       "CPU); use --set train.precision=bf16 (or fp32)")
+    if recipe.train.attn_implementation == "flash_attention_2":
+        raise FtlError("train.attn_implementation = 'flash_attention_2': FlashAttention needs a GPU; "
+                       "use --set train.attn_implementation=sdpa")
+    from launcher.render import available_cores
+
+    cores = available_cores()
+    if recipe.cluster.gpus_per_node > cores and recipe.cluster.provider == "local":
+        return [f"{recipe.cluster.gpus_per_node} CPU processes on {cores} cores: expect it to be slow"]
+    return []
+
+
+def check_remote(recipe: Any, device: str) -> list[str]:
+    """What a SLURM or SSH launch needs from the recipe and profile."""
+    cl = recipe.cluster
+    if cl.provider == "ssh":
+        if not cl.hosts:
+            raise FtlError("cluster.hosts is empty: list the machines, e.g. hosts: [{host: 10.0.0.1, user: ubuntu, "
+                           "key: ~/.ssh/id_ed25519}, ...]")
+        if cl.nodes > len(cl.hosts):
+            raise FtlError(f"cluster.nodes = {cl.nodes}, but cluster.hosts lists {len(cl.hosts)} host(s); add hosts or "
+                           f"use --nodes {len(cl.hosts)}")
+    warnings = check_cpu(recipe) if device == "cpu" else []
+    if device == "cpu":
+        warnings.append(f"cluster.gpu is not set: {cl.gpus_per_node} CPU process(es) per node (gloo)")
     return warnings
 
 
@@ -545,23 +568,27 @@ def prepare_launch(
     gpu_count: int | None = None,
     skip_data_check: bool = False,
 ) -> Prepared:
-    """Check a recipe for a fresh local launch and plan it. Starts nothing and writes nothing."""
+    """Check a recipe for a fresh launch and plan it. Starts nothing and writes nothing."""
     from launcher.backends import get_backend
     from launcher.backends.local import local_gpu_count
     from launcher.estimate.estimator import estimate
     from launcher.render import Plan
 
     get_backend(recipe.cluster.provider)  # refuses providers that cannot launch yet
-    if gpu_count is None:
-        gpu_count = local_gpu_count()
-    device = "cuda" if gpu_count > 0 else "cpu"
-    warnings = check_local(recipe, device, gpu_count)
+    if recipe.cluster.provider == "local":
+        if gpu_count is None:
+            gpu_count = local_gpu_count()
+        device = "cuda" if gpu_count > 0 else "cpu"
+        warnings = check_local(recipe, device, gpu_count)
+    else:  # the nodes' GPUs are the profile's (checked on each node by the pre-flight)
+        device = "cuda" if recipe.cluster.gpu else "cpu"
+        warnings = check_remote(recipe, device)
     est = estimate(recipe)
     if est.fits is False and not force:
         raise fit_error(est)
     if est.fits is False:
         warnings.append(f"does not fit by {est.shortfall_bytes / 1024**3:.2f} GiB; launching anyway (--force)")
-    if device == "cpu" and recipe.cluster.gpu:
+    if device == "cpu" and recipe.cluster.gpu and recipe.cluster.provider == "local":
         warnings.append(f"cluster.gpu = {recipe.cluster.gpu!r} but this machine has no GPU: running on the CPU")
     if not skip_data_check:
         validate_data(recipe)
@@ -638,10 +665,7 @@ def _regroup(run_id: str, recipe: Any, plan: Any, gpus_per_node: int) -> str:
 
 def render_files(p: Prepared, python: str | None = None, port: int | None = None, cwd: str | None = None) -> Prepared:
     """Fill p.files and p.spec for p.run.dir (which need not exist)."""
-    import sys
-
-    from launcher.render import (DEEPSPEED_STAGE, accelerate_config, deepspeed_config, free_port, launch_spec,
-                                 to_json_text, to_yaml)
+    from launcher.render import DEEPSPEED_STAGE, accelerate_config, deepspeed_config, to_json_text, to_yaml
 
     r, plan, d = p.recipe, p.plan, p.run.dir
     files: dict[str, str] = {}
@@ -657,21 +681,57 @@ def render_files(p: Prepared, python: str | None = None, port: int | None = None
     files["accelerate.yaml"] = to_yaml(accelerate_config(plan, r.train.precision, r.parallel.offload, plan.deepspeed_config))
     files["recipe.yaml"] = to_yaml(redacted_recipe(r))
     files["plan.json"] = to_json_text(plan.to_json())
-    plain, secret = _secrets(r)
-    pythonpath = _pythonpath()
-    if pythonpath:
-        plain = {"PYTHONPATH": pythonpath, **plain}
-    needs_port = plan.world_size > 1 or plan.strategy != "ddp"
-    spec = launch_spec(plan, d, r.train.precision, python=python or sys.executable,
-                       port=(port or free_port()) if needs_port else None, resume_from=p.resume_from,
-                       extra_env=plain, cwd=cwd or os.getcwd())
-    spec.redacted = sorted(set(spec.redacted) | set(secret))
-    header = (f"ftl run {p.run.id}: {r.name} ({plan.strategy}, {plan.world_size} process(es) on {plan.device})"
+    if r.cluster.provider == "local":
+        spec, secret = train_spec(r, plan, d, python=python, port=port, resume_from=p.resume_from, cwd=cwd)
+        what = f"{plan.world_size} process(es) on {plan.device}"
+    else:  # every node runs launcher.node, which checks the node and builds its own line (train_spec)
+        spec, secret = node_spec(r, d, python=python, cwd=cwd)
+        what = f"{plan.nodes} node(s) × {plan.gpus_per_node} on {r.cluster.provider}; each node runs this"
+    header = (f"ftl run {p.run.id}: {r.name} ({plan.strategy}, {what})"
               + (f"\nresumed from {p.resume_from}" if p.resume_from else "")
               + f"\nwritten {utcnow()}")
     files["command.sh"] = spec.script(header)
     p.files, p.spec, p.secrets = files, spec, secret
     return p
+
+
+def _plain_env(recipe: Any) -> tuple[dict[str, str], dict[str, str]]:
+    plain, secret = _secrets(recipe)
+    pythonpath = _pythonpath()
+    if pythonpath:
+        plain = {"PYTHONPATH": pythonpath, **plain}
+    return plain, secret
+
+
+def train_spec(recipe: Any, plan: Any, run_dir: str | Path, *, python: str | None = None, port: int | None = None,
+               resume_from: str | Path | None = None, cwd: str | None = None, machine_rank: int = 0,
+               main_addr: str | None = None) -> tuple[Any, dict[str, str]]:
+    """(the accelerate launch line of one node, the secret env it needs but never records)."""
+    import sys
+
+    from launcher.render import free_port, launch_spec
+
+    plain, secret = _plain_env(recipe)
+    needs_port = plan.world_size > 1 or plan.strategy != "ddp"
+    spec = launch_spec(plan, run_dir, recipe.train.precision, python=python or sys.executable,
+                       port=(port or free_port()) if needs_port else None, resume_from=resume_from,
+                       extra_env=plain, cwd=cwd or os.getcwd(), machine_rank=machine_rank, main_addr=main_addr)
+    spec.redacted = sorted(set(spec.redacted) | set(secret))
+    return spec, secret
+
+
+def node_spec(recipe: Any, run_dir: str | Path, *, python: str | None = None, cwd: str | None = None) -> tuple[Any, dict[str, str]]:
+    """What each node of a SLURM/SSH launch runs: `python -m launcher.node --run-dir RUN_DIR` (launcher.node)."""
+    import sys
+
+    from launcher.render import LaunchSpec, stale_env_name
+
+    plain, secret = _plain_env(recipe)
+    plain.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = LaunchSpec(argv=[python or sys.executable, "-m", "launcher.node", "--run-dir", str(run_dir)], env=plain,
+                      unset=sorted(k for k in os.environ if stale_env_name(k) and k not in plain),
+                      cwd=cwd or os.getcwd(), redacted=sorted(secret))
+    return spec, secret
 
 
 def _pythonpath() -> str | None:
@@ -697,14 +757,16 @@ def _arch(p: Prepared) -> Any:
     return build_arch(p.recipe, resolve_model(p.recipe.model))
 
 
-def write_run(p: Prepared, backend: str = "local") -> Run:
+def write_run(p: Prepared, backend: str | None = None) -> Run:
     """Create the run directory (fresh launch) or refresh its launch files (resume), and write them."""
+    backend = backend or p.recipe.cluster.provider
     if p.resume_from is None:
         run = create_run_dir(p.recipe.name, p.run.dir.parent)
         if run.dir != p.run.dir:  # the id was taken meanwhile: render again for the real directory
             p.run = run
             render_files(p, python=p.spec.argv[0] if p.spec else None)
-        write_json(run.state_path, {**initial_state(run, p.recipe.name, backend), "launcher_pid": os.getpid()})
+        write_json(run.state_path, {**initial_state(run, p.recipe.name, backend), "launcher_pid": os.getpid(),
+                                    "cwd": p.spec.cwd if p.spec else os.getcwd()})
     else:
         run = p.run
         st = run.state()

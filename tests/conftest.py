@@ -15,6 +15,8 @@ os.environ.setdefault("FTL_NO_GPU_DETECT", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+pytest_plugins = ["multinode"]  # session fixtures slurm_cluster, ssh_hosts (tests/multinode.py)
+
 TINY = {
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
     "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256),

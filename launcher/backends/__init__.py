@@ -7,7 +7,9 @@ writes state.json and logs/launch.log, so `ftl runs/status/logs` work from any l
 from __future__ import annotations
 
 import abc
-from typing import Any, Iterator
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from launcher.errors import FtlError
 from launcher.runs import Run
@@ -33,8 +35,34 @@ class Backend(abc.ABC):
         """Ask the run to checkpoint and stop; False when it was not running."""
 
     @abc.abstractmethod
-    def logs(self, run: Run, follow: bool = False) -> Iterator[str]:
-        """The launch log, line by line; with follow, until the run ends."""
+    def logs(self, run: Run, follow: bool = False, rank: int | None = None) -> Iterator[str]:
+        """The launch log (or node `rank`'s log), line by line; with follow, until the run ends."""
+
+
+def follow_file(path: Path, active: Callable[[], bool], poll_s: float = 0.5) -> Iterator[str]:
+    """A text file's lines; while active() is true, also the lines written to it later (tail -F)."""
+    while not path.is_file():
+        if not active():
+            return
+        time.sleep(poll_s)
+    with open(path, "r", errors="replace") as f:
+        buf = ""
+        while True:
+            chunk = f.read()
+            if chunk:
+                buf += chunk
+                *lines, buf = buf.split("\n")
+                yield from lines
+                continue
+            if not active():
+                rest = f.read()
+                buf += rest
+                if rest:
+                    continue
+                if buf:
+                    yield buf
+                return
+            time.sleep(poll_s)
 
 
 def get_backend(provider: str, echo: bool = True) -> Backend:
@@ -43,8 +71,16 @@ def get_backend(provider: str, echo: bool = True) -> Backend:
         from launcher.backends.local import LocalBackend
 
         return LocalBackend(echo=echo)
+    if provider == "slurm":
+        from launcher.backends.slurm import SlurmBackend
+
+        return SlurmBackend(echo=echo)
+    if provider == "ssh":
+        from launcher.backends.ssh import SshBackend
+
+        return SshBackend(echo=echo)
     raise FtlError(f"cluster.provider = {provider!r}: launching there is not implemented yet; "
                    "use the local provider (--cluster cluster/local.yaml), or estimate with `ftl estimate`")
 
 
-__all__ = ["Backend", "get_backend"]
+__all__ = ["Backend", "follow_file", "get_backend"]

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
-from launcher.backends import Backend
+from launcher.backends import Backend, follow_file
 from launcher.errors import FtlError
 from launcher.runs import ACTIVE, Run, effective_status, group_alive, utcnow
 
@@ -254,33 +254,8 @@ class LocalBackend(Backend):
         _killpg(int(st["pgid"]), signal.SIGTERM)
         return True
 
-    def logs(self, run: Run, follow: bool = False, poll_s: float = 0.5) -> Iterator[str]:
-        path = run.log_path
-        if not path.is_file():
-            if not follow:
-                return
-            while not path.is_file():
-                if effective_status(run) not in ACTIVE:
-                    return
-                time.sleep(poll_s)
-        with open(path, "r", errors="replace") as f:
-            buf = ""
-            while True:
-                chunk = f.read()
-                if chunk:
-                    buf += chunk
-                    *lines, buf = buf.split("\n")
-                    yield from lines
-                    continue
-                if not follow or effective_status(run) not in ACTIVE:
-                    rest = f.read()
-                    buf += rest
-                    if rest:
-                        continue
-                    if buf:
-                        yield buf
-                    return
-                time.sleep(poll_s)
+    def logs(self, run: Run, follow: bool = False, rank: int | None = None, poll_s: float = 0.5) -> Iterator[str]:
+        return follow_file(run.log_path, (lambda: effective_status(run) in ACTIVE) if follow else (lambda: False), poll_s)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -115,29 +115,35 @@ class CompleteMarker(TrainerCallback):
 class StopAndSave(TrainerCallback):
     """SIGTERM -> save a checkpoint and stop at the next step boundary (resumable); also always save at the end.
 
+    SIGUSR1/SIGUSR2 mean the same: SLURM sends them to every process of a job step before its time limit
+    or on preemption (submitit asks for USR2), and their default action would kill the rank unsaved.
     Ranks agree on the flag (a max all-reduce each step), so a signal that reaches one rank stops them all."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self, device):
         self.requested = False
         self.stopped_by_signal = False
         self.device = device
-        self._previous = None
+        self._previous: dict[int, object] = {}
         self.last_saved_step = -1
 
     def install(self) -> None:
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
         except ValueError:  # not the main thread
-            self._previous = None
+            pass
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if not self.requested:
-            print("[ftl] SIGTERM: saving a checkpoint and stopping after this step", file=sys.stderr, flush=True)
+            print(f"[ftl] {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",
+                  file=sys.stderr, flush=True)
         self.requested = True
 
     def _agreed(self) -> bool:

@@ -643,7 +643,7 @@ def run_training(sess: Session, started: float | None = None) -> dict[str, Any]:
         res["hub"] = push_to_hub(recipe, out_dir)
     state.wait_for_everyone()  # end with a barrier; no destroy_process_group (exit-time aborts were seen)
     if interrupted:
-        log.warning("stopped by SIGTERM at step %d; resume with --resume-from %s", st.global_step,
+        log.warning("stopped by a signal at step %d; resume with --resume-from %s", st.global_step,
                     (res["checkpoints"] or ["(none)"])[-1])
     else:
         log.info("done: step %d, loss %s -> %s, output in %s", st.global_step, first, final, out_dir)

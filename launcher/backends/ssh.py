@@ -1,0 +1,409 @@
+"""The SSH backend: N plain hosts, one `python -m launcher.node` per host started over SSH.
+
+* Each node process is started with setsid + nohup, detached from the SSH session: a dropped connection
+  does not stop training, and ftl (or a later `ftl logs -f`, `ftl status`, `ftl cancel`) reconnects.
+* Node 0's address (`hosts[0].address`, else its `host`) and a port free on it form the static
+  rendezvous; launcher.node's pre-flight checks every node against it before training starts.
+* Logs come back over SSH (`tail -F` of each node's log) into logs/launch.log, prefixed by node.
+* When one node fails, the others are stopped (SIGTERM: they save a checkpoint; SIGKILL after a grace
+  period) so no process is left behind; Ctrl-C and `ftl cancel` stop every node the same way.
+* Secret env (HF_TOKEN...) is handed to each node on SSH's stdin, never on a command line or on disk.
+
+The run directory must be at the same path on every host (a shared filesystem, or one the rented-GPU
+backend syncs). Host keys are remembered per run (known_hosts in the run directory, accept-new).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from launcher.backends import Backend
+from launcher.errors import FtlError
+from launcher.node import EXIT_INTERRUPTED, SECRETS_VAR, preflight_errors
+from launcher.runs import ACTIVE, Run, pid_alive, utcnow
+
+POLL_S = 1.0
+SSH_TIMEOUT_S = 30
+
+
+def stop_grace_s() -> float:
+    """How long stopped nodes get to save a checkpoint before SIGKILL."""
+    return float(os.environ.get("FTL_STOP_GRACE_S", "90"))
+
+
+class SshError(FtlError):
+    pass
+
+
+@dataclass
+class Node:
+    """One host of the run, as recorded in state.json."""
+
+    rank: int
+    host: str
+    port: int = 22
+    user: str | None = None
+    key: str | None = None
+    address: str | None = None
+    python: str | None = None
+    pid: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"node {self.rank} ({self.host}{'' if self.port == 22 else f':{self.port}'})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("rank", "host", "port", "user", "key", "address", "python", "pid")}
+
+
+def ssh_argv(node: Node, run_dir: Path, command: str, tty: bool = False) -> list[str]:
+    """ssh to a node: batch mode, per-run known_hosts (accept-new), a shared control connection."""
+    argv = ["ssh", "-p", str(node.port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+            "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
+            "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={run_dir / 'known_hosts'}",
+            "-o", "ControlMaster=auto", "-o", "ControlPath=/tmp/ftl-ssh-%C", "-o", "ControlPersist=60",
+            "-o", "LogLevel=ERROR"]
+    if node.key:
+        argv += ["-i", str(Path(node.key).expanduser()), "-o", "IdentitiesOnly=yes"]
+    argv += ["-tt"] if tty else ["-T"]
+    argv += [f"{node.user}@{node.host}" if node.user else node.host, command]
+    return argv
+
+
+def run_ssh(node: Node, run_dir: Path, command: str, stdin: str | None = None,
+            timeout: float = SSH_TIMEOUT_S) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(ssh_argv(node, run_dir, command), input=stdin, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess([], 255, "", f"ssh to {node.host} timed out after {timeout:.0f} s")
+
+
+def nodes_of(recipe: Any) -> list[Node]:
+    cl = recipe.cluster
+    return [Node(rank=i, host=h.host, port=h.port, user=h.user, key=h.key, address=h.address,
+                 python=h.python or cl.python) for i, h in enumerate(cl.hosts[: cl.nodes])]
+
+
+def _remote_python(node: Node) -> str:
+    return node.python or sys.executable
+
+
+@dataclass
+class SshHandle:
+    run: Run
+    nodes: list[Node]
+    stop_signal: int | None = None
+    killed: bool = False
+    tails: list[subprocess.Popen] = field(default_factory=list)
+
+
+class SshBackend(Backend):
+    name = "ssh"
+
+    def __init__(self, echo: bool = True):
+        self.echo = echo
+        self._out_lock = threading.Lock()
+
+    # -- start --------------------------------------------------------------------------------
+    def launch(self, run: Run, resume_from: str | None = None, spec: Any = None,
+               secrets: dict[str, str] | None = None) -> SshHandle:
+        from launcher.recipe import recipe_from_dict
+
+        recipe = recipe_from_dict(run.recipe_dict(), run.recipe_path)
+        nodes = nodes_of(recipe)
+        for n in nodes:  # reachable, and the run directory is there (shared or synced)
+            r = run_ssh(n, run.dir, f"test -f {shlex.quote(str(run.plan_path))} && echo ok")
+            if r.returncode != 0 or "ok" not in r.stdout:
+                why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{run.plan_path} is not there"
+                run.update_state(status="failed", ended=utcnow(), error=f"{n.label}: {why}")
+                raise SshError(f"{n.label}: cannot start the run there: {why}. The run directory must be at the same "
+                               "path on every host (a shared filesystem)")
+        main_addr = nodes[0].address or nodes[0].host
+        port = self._free_port(nodes[0], run.dir)
+        workdir = recipe.cluster.workdir or run.state().get("cwd") or str(run.dir)
+        run.update_state(status="running", started=run.state().get("started") or utcnow(), ended=None, returncode=None,
+                         error=None, main={"addr": main_addr, "port": port}, hosts=[n.to_json() for n in nodes])
+        secret_line = json.dumps(secrets or {})
+        handle = SshHandle(run, nodes)
+        try:
+            for n in nodes:
+                n.pid = self._start_node(run, n, len(nodes), main_addr, port, workdir, secret_line)
+                run.update_state(hosts=[m.to_json() for m in nodes])
+        except BaseException:
+            self._stop_all(handle, signal.SIGKILL)
+            raise
+        self._say(handle, f"ftl: started {len(nodes)} node(s): " + ", ".join(f"{n.label} pid {n.pid}" for n in nodes)
+                  + f"; rendezvous {main_addr}:{port}")
+        for n in nodes:
+            handle.tails.append(self._tail(handle, n))
+        return handle
+
+    def _free_port(self, node: Node, run_dir: Path) -> int:
+        code = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+        r = run_ssh(node, run_dir, f"{shlex.quote(_remote_python(node))} -c {shlex.quote(code)}")
+        try:
+            return int(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise SshError(f"{node.label}: could not find a free port ({r.stderr.strip() or r.stdout.strip()})") from None
+
+    def _start_node(self, run: Run, n: Node, nodes: int, main_addr: str, port: int, workdir: str, secret_line: str) -> int:
+        logs = run.dir / "logs"
+        node_cmd = [_remote_python(n), "-m", "launcher.node", "--run-dir", str(run.dir), "--machine-rank", str(n.rank),
+                    "--nodes", str(nodes), "--main-addr", main_addr, "--port", str(port), "--name", n.host]
+        q = shlex.quote
+        # read the secrets line from stdin into the environment, then detach (setsid: own session, so the
+        # pid is the process group to signal; nohup + redirections: nothing tied to this SSH session)
+        script = (f"IFS= read -r {SECRETS_VAR}; export {SECRETS_VAR}; export FTL_NODE_QUIET=1; "
+                  f"mkdir -p {q(str(logs))} && cd {q(workdir)} && rm -f {q(str(logs / f'node-{n.rank}.exit'))} && "
+                  f"setsid nohup {' '.join(q(a) for a in node_cmd)} > {q(str(logs / f'node-{n.rank}.out'))} 2>&1 "
+                  f"< /dev/null & echo $!")
+        r = run_ssh(n, run.dir, f"sh -c {q(script)}", stdin=secret_line + "\n")
+        try:
+            return int(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise SshError(f"{n.label}: could not start the node process: {r.stderr.strip() or r.stdout.strip()}") from None
+
+    # -- logs over SSH --------------------------------------------------------------------------
+    def _tail(self, h: SshHandle, n: Node) -> subprocess.Popen:
+        path = h.run.dir / "logs" / f"node-{n.rank}.log"
+        cmd = f"tail -n +1 -F {shlex.quote(str(path))} 2>/dev/null"
+        p = subprocess.Popen(ssh_argv(n, h.run.dir, cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        prefix = f"[node {n.rank}] " if len(h.nodes) > 1 else ""
+
+        def pump() -> None:
+            assert p.stdout is not None
+            with open(h.run.log_path, "a", errors="replace") as log:
+                for raw in iter(p.stdout.readline, b""):
+                    line = prefix + raw.decode("utf-8", "replace").rstrip("\n")
+                    with self._out_lock:
+                        log.write(line + "\n")
+                        log.flush()
+                        if self.echo:
+                            try:
+                                sys.stdout.write(line + "\n")
+                                sys.stdout.flush()
+                            except (OSError, ValueError):
+                                pass
+
+        threading.Thread(target=pump, daemon=True).start()
+        return p
+
+    # -- wait -----------------------------------------------------------------------------------
+    def wait(self, handle: SshHandle) -> str:
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous: dict[int, Any] = {}
+
+        def on_signal(signum, _frame):
+            if handle.stop_signal is None:
+                handle.stop_signal = signum
+                handle.run.update_state(stop_requested=utcnow())
+                self._say(handle, f"ftl: {signal.Signals(signum).name}: asking every node of run {handle.run.id} to save "
+                                  "a checkpoint and stop (again to kill them now)")
+                self._signal_all(handle, signal.SIGTERM)
+            else:
+                handle.killed = True
+                self._say(handle, f"ftl: killing every process of run {handle.run.id}")
+                self._signal_all(handle, signal.SIGKILL)
+
+        if main_thread:
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                previous[s] = signal.signal(s, on_signal)
+        try:
+            codes = self._watch(handle)
+        finally:
+            if main_thread:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+            time.sleep(0.5)  # let the tails print the last lines
+            for t in handle.tails:
+                _kill_tree(t)
+        status, error, rc = self._verdict(handle.run, codes, handle.stop_signal is not None or handle.killed)
+        handle.run.update_state(status=status, ended=utcnow(), error=error, returncode=rc,
+                                node_returncodes={str(k): v for k, v in codes.items()})
+        self._say(handle, f"===== ftl: run {status} at {utcnow()} =====")
+        try:
+            from launcher.report import write_cost
+
+            write_cost(handle.run)
+        except Exception as e:  # noqa: BLE001
+            self._say(handle, f"ftl: could not write cost.json: {e}")
+        return status
+
+    def _watch(self, h: SshHandle) -> dict[int, int | None]:
+        """Poll every node until all have ended; when one fails, stop the others. {rank: exit code or None}."""
+        codes: dict[int, int | None] = {}
+        stopping_since: float | None = None
+        while len(codes) < len(h.nodes):
+            for n in h.nodes:
+                if n.rank in codes:
+                    continue
+                state = self._probe(h.run, n)
+                if state == "alive" or state == "unreachable":
+                    continue
+                codes[n.rank] = None if state == "gone" else int(state)
+                failed = codes[n.rank] not in (0, EXIT_INTERRUPTED)
+                if failed and stopping_since is None and len(codes) < len(h.nodes):
+                    what = "vanished without an exit code" if codes[n.rank] is None else f"exited with {codes[n.rank]}"
+                    self._say(h, f"ftl: {n.label} {what}; stopping the other nodes")
+                    h.run.update_state(error=f"{n.label} {what}")
+                    self._signal_all(h, signal.SIGTERM, skip=set(codes))
+                    stopping_since = time.monotonic()
+            if h.stop_signal is not None and stopping_since is None:
+                stopping_since = time.monotonic()
+            if stopping_since is not None and time.monotonic() - stopping_since > stop_grace_s() and not h.killed:
+                self._say(h, f"ftl: nodes still running {stop_grace_s():.0f} s after the stop; killing them")
+                h.killed = True
+                self._signal_all(h, signal.SIGKILL, skip=set(codes))
+            if len(codes) < len(h.nodes):
+                time.sleep(POLL_S)
+        return codes
+
+    def _probe(self, run: Run, n: Node) -> str:
+        """'alive', an exit code as text, 'gone' (no process, no exit code) or 'unreachable'."""
+        q = shlex.quote
+        exit_file = str(run.dir / "logs" / f"node-{n.rank}.exit")
+        cmd = (f"if [ -f {q(exit_file)} ]; then cat {q(exit_file)}; elif kill -0 {int(n.pid or 0)} 2>/dev/null; "
+               f"then echo alive; else sleep 1; [ -f {q(exit_file)} ] && cat {q(exit_file)} || echo gone; fi")
+        r = run_ssh(n, run.dir, cmd, timeout=20)
+        out = r.stdout.strip().splitlines()
+        if r.returncode != 0 and not out:
+            return "unreachable"
+        return out[-1].strip() if out else "unreachable"
+
+    def _signal_all(self, h: SshHandle, sig: int, skip: set[int] | None = None) -> None:
+        for n in h.nodes:
+            if n.pid and n.rank not in (skip or set()):
+                self._signal_node(h.run, n, sig)
+
+    @staticmethod
+    def _signal_node(run: Run, n: Node, sig: int) -> None:
+        """SIGTERM to the node process (it stops its trainer, which saves); SIGKILL to its session and the
+        training processes' session."""
+        pid = int(n.pid or 0)
+        if sig == signal.SIGKILL:
+            pids_file = shlex.quote(str(run.dir / "logs" / f"node-{n.rank}.pids"))
+            cmd = (f"for s in {pid} $(cat {pids_file} 2>/dev/null); do pkill -KILL -s $s 2>/dev/null; done; "
+                   f"kill -KILL {pid} 2>/dev/null; true")
+        else:
+            cmd = f"kill -{int(sig)} {pid} 2>/dev/null; true"
+        run_ssh(n, run.dir, cmd, timeout=20)
+
+    def _stop_all(self, h: SshHandle, sig: int) -> None:
+        self._signal_all(h, sig)
+
+    @staticmethod
+    def _verdict(run: Run, codes: dict[int, int | None], stop_requested: bool) -> tuple[str, str | None, int | None]:
+        res = run.result() or {}
+        worst = next((c for c in codes.values() if c not in (0, EXIT_INTERRUPTED)), 0)
+        pre = preflight_errors(run)
+        if pre:
+            return "failed", "pre-flight failed: " + "; ".join(pre), worst
+        if all(c == 0 for c in codes.values()) and res.get("status") == "completed":
+            return "completed", None, 0
+        if all(c in (0, EXIT_INTERRUPTED) for c in codes.values()) and (res.get("status") == "interrupted" or stop_requested):
+            return "stopped", None, EXIT_INTERRUPTED
+        if stop_requested and res.get("status") != "completed":
+            return "stopped", None, worst
+        failed = [f"node {k} " + ("vanished" if c is None else f"exited with {c}") for k, c in sorted(codes.items())
+                  if c not in (0, EXIT_INTERRUPTED)]
+        return "failed", (run.state().get("error") or "; ".join(failed) or "the run ended without a result"), worst if worst is not None else 1
+
+    # -- other verbs ------------------------------------------------------------------------------
+    def _nodes(self, run: Run) -> list[Node]:
+        return [Node(**{k: v for k, v in h.items() if k in Node.__dataclass_fields__}) for h in run.state().get("hosts") or []]
+
+    def status(self, run: Run) -> dict[str, Any]:
+        st = run.state()
+        if st.get("status") not in ACTIVE or pid_alive(st.get("launcher_pid")):
+            return st
+        nodes = self._nodes(run)
+        if not nodes:
+            return st
+        states = {n.rank: self._probe(run, n) for n in nodes}
+        if any(s in ("alive", "unreachable") for s in states.values()):
+            return st
+        codes = {k: (None if s == "gone" else int(s)) for k, s in states.items()}
+        status, error, rc = self._verdict(run, codes, bool(st.get("stop_requested")))
+        return run.update_state(status=status, ended=st.get("ended") or utcnow(), error=error, returncode=rc,
+                                node_returncodes={str(k): v for k, v in codes.items()})
+
+    def cancel(self, run: Run) -> bool:
+        st = self.status(run)
+        if st.get("status") not in ACTIVE:
+            return False
+        run.update_state(stop_requested=utcnow())
+        if pid_alive(st.get("launcher_pid")):  # the launching ftl stops every node and records the end
+            try:
+                os.kill(int(st["launcher_pid"]), signal.SIGTERM)
+                return True
+            except OSError:
+                pass
+        h = SshHandle(run, self._nodes(run))
+        self._signal_all(h, signal.SIGTERM)
+        return True
+
+    def logs(self, run: Run, follow: bool = False, rank: int | None = None) -> Iterator[str]:
+        nodes = self._nodes(run)
+        n = next((m for m in nodes if m.rank == (rank or 0)), None)
+        if n is None:
+            raise SshError(f"run {run.id} has no node {rank or 0} (nodes: {', '.join(str(m.rank) for m in nodes) or 'none'})")
+        path = shlex.quote(str(run.dir / "logs" / f"node-{n.rank}.log"))
+        if not follow:
+            r = run_ssh(n, run.dir, f"cat {path}", timeout=120)
+            if r.returncode != 0:
+                raise SshError(f"{n.label}: cannot read its log: {r.stderr.strip()}")
+            yield from r.stdout.splitlines()
+            return
+        p = subprocess.Popen(ssh_argv(n, run.dir, f"tail -n +1 -F {path} 2>/dev/null"), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+
+        def stop_when_done() -> None:
+            while p.poll() is None:
+                if self.status(run).get("status") not in ACTIVE:
+                    time.sleep(1.0)  # the last lines
+                    _kill_tree(p)
+                    return
+                time.sleep(2.0)
+
+        threading.Thread(target=stop_when_done, daemon=True).start()
+        try:
+            assert p.stdout is not None
+            for line in p.stdout:
+                yield line.rstrip("\n")
+        finally:
+            _kill_tree(p)
+
+    def _say(self, h: SshHandle, msg: str) -> None:
+        try:
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        with self._out_lock, open(h.run.log_path, "a") as f:
+            f.write(msg + "\n")
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(5)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
