@@ -89,6 +89,13 @@ def run_ssh(node: Node, run_dir: Path, command: str, stdin: str | None = None,
         return subprocess.CompletedProcess([], 255, "", f"ssh to {node.host} timed out after {timeout:.0f} s")
 
 
+def remote_dir(run: Run) -> Path:
+    """The run directory as the hosts see it: the same path (shared filesystem), or where a backend that
+    syncs it (rented GPUs) put it, recorded as state.json's `remote_run_dir`."""
+    d = run.state().get("remote_run_dir")
+    return Path(d) if d else run.dir
+
+
 def nodes_of(recipe: Any) -> list[Node]:
     cl = recipe.cluster
     return [Node(rank=i, host=h.host, port=h.port, user=h.user, key=h.key, address=h.address,
@@ -122,16 +129,17 @@ class SshBackend(Backend):
 
         recipe = recipe_from_dict(run.recipe_dict(), run.recipe_path)
         nodes = nodes_of(recipe)
+        rdir = remote_dir(run)
         for n in nodes:  # reachable, and the run directory is there (shared or synced)
-            r = run_ssh(n, run.dir, f"test -f {shlex.quote(str(run.plan_path))} && echo ok")
+            r = run_ssh(n, run.dir, f"test -f {shlex.quote(str(rdir / 'plan.json'))} && echo ok")
             if r.returncode != 0 or "ok" not in r.stdout:
-                why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{run.plan_path} is not there"
+                why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"{rdir / 'plan.json'} is not there"
                 run.update_state(status="failed", ended=utcnow(), error=f"{n.label}: {why}")
                 raise SshError(f"{n.label}: cannot start the run there: {why}. The run directory must be at the same "
                                "path on every host (a shared filesystem)")
         main_addr = nodes[0].address or nodes[0].host
         port = self._free_port(nodes[0], run.dir)
-        workdir = recipe.cluster.workdir or run.state().get("cwd") or str(run.dir)
+        workdir = recipe.cluster.workdir or (run.state().get("cwd") if rdir == run.dir else None) or str(rdir)
         run.update_state(status="running", started=run.state().get("started") or utcnow(), ended=None, returncode=None,
                          error=None, main={"addr": main_addr, "port": port}, hosts=[n.to_json() for n in nodes])
         secret_line = json.dumps(secrets or {})
@@ -158,8 +166,8 @@ class SshBackend(Backend):
             raise SshError(f"{node.label}: could not find a free port ({r.stderr.strip() or r.stdout.strip()})") from None
 
     def _start_node(self, run: Run, n: Node, nodes: int, main_addr: str, port: int, workdir: str, secret_line: str) -> int:
-        logs = run.dir / "logs"
-        node_cmd = [_remote_python(n), "-m", "launcher.node", "--run-dir", str(run.dir), "--machine-rank", str(n.rank),
+        logs = remote_dir(run) / "logs"
+        node_cmd = [_remote_python(n), "-m", "launcher.node", "--run-dir", str(remote_dir(run)), "--machine-rank", str(n.rank),
                     "--nodes", str(nodes), "--main-addr", main_addr, "--port", str(port), "--name", n.host]
         q = shlex.quote
         # read the secrets line from stdin into the environment, then detach (setsid: own session, so the
@@ -176,7 +184,7 @@ class SshBackend(Backend):
 
     # -- logs over SSH --------------------------------------------------------------------------
     def _tail(self, h: SshHandle, n: Node) -> subprocess.Popen:
-        path = h.run.dir / "logs" / f"node-{n.rank}.log"
+        path = remote_dir(h.run) / "logs" / f"node-{n.rank}.log"
         cmd = f"tail -n +1 -F {shlex.quote(str(path))} 2>/dev/null"
         p = subprocess.Popen(ssh_argv(n, h.run.dir, cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -229,6 +237,7 @@ class SshBackend(Backend):
             time.sleep(0.5)  # let the tails print the last lines
             for t in handle.tails:
                 _kill_tree(t)
+        self.after_nodes_ended(handle)
         status, error, rc = self._verdict(handle.run, codes, handle.stop_signal is not None or handle.killed)
         handle.run.update_state(status=status, ended=utcnow(), error=error, returncode=rc,
                                 node_returncodes={str(k): v for k, v in codes.items()})
@@ -240,6 +249,10 @@ class SshBackend(Backend):
         except Exception as e:  # noqa: BLE001
             self._say(handle, f"ftl: could not write cost.json: {e}")
         return status
+
+    def after_nodes_ended(self, handle: SshHandle) -> None:
+        """Hook for backends whose hosts do not share the run directory: bring results back before the verdict
+        (which reads result.json, preflight/ and checkpoints locally)."""
 
     def _watch(self, h: SshHandle) -> dict[int, int | None]:
         """Poll every node until all have ended; when one fails, stop the others. {rank: exit code or None}."""
@@ -273,7 +286,7 @@ class SshBackend(Backend):
     def _probe(self, run: Run, n: Node) -> str:
         """'alive', an exit code as text, 'gone' (no process, no exit code) or 'unreachable'."""
         q = shlex.quote
-        exit_file = str(run.dir / "logs" / f"node-{n.rank}.exit")
+        exit_file = str(remote_dir(run) / "logs" / f"node-{n.rank}.exit")
         cmd = (f"if [ -f {q(exit_file)} ]; then cat {q(exit_file)}; elif kill -0 {int(n.pid or 0)} 2>/dev/null; "
                f"then echo alive; else sleep 1; [ -f {q(exit_file)} ] && cat {q(exit_file)} || echo gone; fi")
         r = run_ssh(n, run.dir, cmd, timeout=20)
@@ -293,7 +306,7 @@ class SshBackend(Backend):
         training processes' session."""
         pid = int(n.pid or 0)
         if sig == signal.SIGKILL:
-            pids_file = shlex.quote(str(run.dir / "logs" / f"node-{n.rank}.pids"))
+            pids_file = shlex.quote(str(remote_dir(run) / "logs" / f"node-{n.rank}.pids"))
             cmd = (f"for s in {pid} $(cat {pids_file} 2>/dev/null); do pkill -KILL -s $s 2>/dev/null; done; "
                    f"kill -KILL {pid} 2>/dev/null; true")
         else:
@@ -359,7 +372,7 @@ class SshBackend(Backend):
         n = next((m for m in nodes if m.rank == (rank or 0)), None)
         if n is None:
             raise SshError(f"run {run.id} has no node {rank or 0} (nodes: {', '.join(str(m.rank) for m in nodes) or 'none'})")
-        path = shlex.quote(str(run.dir / "logs" / f"node-{n.rank}.log"))
+        path = shlex.quote(str(remote_dir(run) / "logs" / f"node-{n.rank}.log"))
         if not follow:
             r = run_ssh(n, run.dir, f"cat {path}", timeout=120)
             if r.returncode != 0:
