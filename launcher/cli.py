@@ -277,6 +277,13 @@ def launch(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run plan, or the final state) instead of text."),
     export: Optional[Path] = typer.Option(None, "--export", help="SLURM profiles: prepare the run directory and write a "
                                           "standalone sbatch script to this file instead of submitting."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Rented GPUs (runpod, lambda): rent without asking to confirm "
+                             "the expected cost and time."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Rented GPUs: most USD to spend (default: "
+                                           "budget.max_cost_usd); at the cap the run saves a checkpoint and the "
+                                           "instances are terminated."),
+    deadline: Optional[str] = typer.Option(None, "--deadline", help="Rented GPUs: longest the instances may run, boot "
+                                           "included: 6h, 90m, 2d (default: budget.max_hours)."),
 ) -> None:
     """Check, plan and run RECIPE; the run lives in runs/<run id>/.
 
@@ -289,6 +296,7 @@ def launch(
       ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2
       ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2 --export job.sbatch
       ftl launch recipes/smoke.yaml --cluster cluster/my-hosts.yaml --nodes 2
+      ftl launch recipes/smoke.yaml --cluster cluster/runpod-a100-80gb.yaml --budget 5 --deadline 2h
     """
     from launcher.backends import get_backend
     from launcher.recipe import load_recipe
@@ -322,6 +330,10 @@ def launch(
         if not as_json:
             for w in p.warnings or []:
                 err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        if p.recipe.cluster.provider in ("runpod", "lambda"):
+            _confirm_rental(p, backend, yes, budget, deadline)
+        elif budget is not None or deadline is not None:
+            raise FtlError("--budget and --deadline guard rented GPUs (a runpod or lambda cluster profile)")
         run = write_run(p)
         if not as_json:
             verb = f"resuming {run.id} from {p.resume_from.name}" if p.resume_from else f"run {run.id}"
@@ -357,6 +369,29 @@ def launch(
     _fail(FtlError(f"run {run.id} failed: {why}"))
 
 
+def _confirm_rental(p, backend, yes: bool, budget: Optional[float], deadline: Optional[str]) -> None:
+    """Show what the rental is expected to take and cost (boot and download included); ask unless --yes."""
+    from launcher.backends.rental import expected
+    from launcher.plan import parse_duration
+
+    backend.budget_usd = budget
+    backend.deadline_s = parse_duration(deadline) if deadline else None
+    usd_cap, secs_cap = backend.limits(p.recipe)
+    cl = p.recipe.cluster
+    secs, usd = expected(p)
+    what = f"{cl.nodes} × {cl.gpus_per_node} {cl.gpu or 'GPU'} on {cl.provider} at ${cl.price_per_gpu_hour:g}/GPU-hour"
+    exp = ("expected: unknown time and cost (the estimate has no step time for this GPU)" if secs is None else
+           f"expected: {duration(secs)}, ${usd:,.2f} (instance boot and weight download included)")
+    caps = ", ".join(x for x in (f"${usd_cap:,.2f}" if usd_cap is not None else "",
+                                 duration(secs_cap) if secs_cap is not None else "") if x) or "none (set --budget)"
+    err_console.print(f"[bold]rent[/] {escape(what)}\n{exp}\nbudget cap: {caps}", highlight=False, soft_wrap=True)
+    if usd is not None and usd_cap is not None and usd > usd_cap:
+        err_console.print(f"[yellow]warning:[/] the expected cost ${usd:,.2f} is above the budget ${usd_cap:,.2f}: "
+                          "the run will be stopped at the cap (a checkpoint is kept)", highlight=False)
+    if not yes and not typer.confirm("Rent these instances and launch?", default=False, err=True):
+        raise typer.Exit(1)
+
+
 def _export(p, target: Path, as_json: bool) -> None:
     """--export: the run directory is prepared (state 'created') and the sbatch script written."""
     from launcher.backends.slurm import export_sbatch, path_for_export
@@ -372,6 +407,7 @@ def _export(p, target: Path, as_json: bool) -> None:
     run = write_run(p)
     run.update_state(launcher_pid=None)
     text = export_sbatch(run, p.recipe, p.plan.device)
+    (run.dir / "slurm").mkdir(exist_ok=True)  # slurmstepd opens --output before the script runs
     write_atomic(run.dir / "job.sbatch", text, mode=0o755)
     write_atomic(target, text, mode=0o755)
     if as_json:
@@ -403,6 +439,12 @@ def _where(st: dict[str, Any]) -> str:
     if st.get("slurm"):
         sl = st["slurm"]
         return f"job {sl.get('job_id')}" + (f" {sl['state']}" if sl.get("state") else "")
+    if st.get("instances"):
+        from launcher.backends.rental import spend
+
+        live = [i for i in st["instances"] if not i.get("terminated_at")]
+        what = f"{len(live)} {st['instances'][0].get('provider')} instance(s)" if live else "instances terminated"
+        return f"{what}, ${spend(st['instances']):.2f}"
     if st.get("hosts"):
         return ",".join(str(h.get("host")) for h in st["hosts"])
     return f"pid {st['pid']}" if st.get("pid") and st.get("status") == "running" else ""
@@ -439,8 +481,70 @@ def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 
 @app.command("ps")
 def ps(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Same as `ftl runs`: every run under ./runs, whatever its backend (local, SLURM, SSH), with where it runs."""
+    """Every run under ./runs, whatever its backend (local, SLURM, SSH, rented), with where it runs; then the
+    live rented instances (ftl-*) at each provider with an API key configured, with their running cost."""
     list_runs_cmd(as_json)
+    if not as_json:
+        _rented_table()
+
+
+def _rented_table() -> None:
+    import time as _time
+
+    from launcher.backends.rental import _epoch, configured, live_run, rented_instances
+
+    try:
+        names = configured()
+        rows = rented_instances(names) if names else []
+    except FtlError as e:
+        err_console.print(f"[yellow]warning:[/] could not list rented instances: {escape(str(e))}", highlight=False)
+        return
+    if not rows:
+        return
+    t = Table(title="rented instances", title_justify="left", show_edge=False)
+    for col in ("provider", "instance", "status", "run", "$/hour", "running cost"):
+        t.add_column(col, justify="right" if col in ("$/hour", "running cost") else "left")
+    for inst, run in rows:
+        rec = next((i for i in (run.state().get("instances") or []) if i.get("id") == inst.id), {}) if run else {}
+        start = _epoch(rec.get("created_at") or inst.created_at)
+        price = inst.price_per_hour or rec.get("price_per_hour")
+        cost = f"${price * (_time.time() - start) / 3600:,.2f}" if price and start else "—"
+        owner = run.id if run is not None else "[red]none (orphan)[/]"
+        if run is not None and not live_run(run):
+            owner += " [red](ftl not running: ftl down --orphans)[/]"
+        t.add_row(inst.provider, escape(inst.name), inst.status, owner, f"{price:g}" if price else "—", cost)
+    console.print(t)
+
+
+@app.command()
+def down(
+    run: Optional[str] = typer.Argument(None, help="Run id or directory whose rented instances to terminate."),
+    orphans: bool = typer.Option(False, "--orphans", help="Terminate every ftl-* instance, at each provider with a "
+                                 "key configured, that belongs to no live run."),
+) -> None:
+    """Terminate rented instances: a run's (ftl down RUN), or those a killed ftl left behind (ftl down --orphans).
+
+    `ftl down RUN` does not save a checkpoint first: stop the run with `ftl stop RUN` for that."""
+    from launcher.backends.rental import down_orphans, terminate_run
+
+    if (run is None) == (not orphans):
+        _fail(FtlError("give a RUN or --orphans (not both)"))
+    try:
+        if orphans:
+            found, errors = down_orphans()
+            for inst in found:
+                err_console.print(f"terminated {inst.provider} {escape(inst.name)} ({inst.id})", highlight=False)
+            if not found:
+                err_console.print("no orphaned ftl-* instances", highlight=False)
+        else:
+            r = _find(run)
+            gone, errors = terminate_run(r)
+            err_console.print(f"run {r.id}: terminated {len(gone)} instance(s)" + (f": {', '.join(gone)}" if gone else ""),
+                              highlight=False)
+    except FtlError as e:
+        _fail(e)
+    if errors:
+        _fail(FtlError("could not terminate: " + "; ".join(errors)))
 
 
 def _find(ref: Optional[str]):

@@ -287,7 +287,8 @@ class NodeProcess:
     def start(self, log: Any) -> None:
         log.write(f"$ {self.spec.shell()}\n")
         log.flush()
-        self.proc = subprocess.Popen(self.spec.argv, env=self.spec.child_env(secrets=self.secrets), cwd=self.spec.cwd,
+        env = {**self.spec.child_env(secrets=self.secrets), "FTL_NODE_NAME": self.place.name}
+        self.proc = subprocess.Popen(self.spec.argv, env=env, cwd=self.spec.cwd,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_ignore_user_signals)
         # the sessions to kill if this node must be stopped hard (its own, and the training processes')

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from launcher.backends import Backend, follow_file
 from launcher.errors import FtlError
+from launcher.weights import prefetch
 from launcher.runs import ACTIVE, Run, utcnow
 
 DEFAULT_TIME_MIN = 60
@@ -125,6 +126,12 @@ class SlurmBackend(Backend):
 
         _check_tools()
         recipe = recipe_from_dict(run.recipe_dict(), run.recipe_path)
+        try:  # once, here, into the cache the nodes share; the nodes then stay offline
+            if prefetch(recipe):
+                os.environ["HF_HUB_OFFLINE"] = "1"
+        except FtlError as e:
+            run.update_state(status="failed", ended=utcnow(), error=str(e))
+            raise
         plan = Plan.from_json(run.plan())
         params = sbatch_params(run, recipe, plan.device)
         folder = run.dir / "slurm"

@@ -10,7 +10,7 @@
 * Secret env (HF_TOKEN...) is handed to each node on SSH's stdin, never on a command line or on disk.
 
 The run directory must be at the same path on every host (a shared filesystem, or one the rented-GPU
-backend syncs). Host keys are remembered per run (known_hosts in the run directory, accept-new).
+backend syncs). Host keys are remembered per run (accept-new, see known_hosts_file).
 """
 
 from __future__ import annotations
@@ -66,11 +66,22 @@ class Node:
         return {k: getattr(self, k) for k in ("rank", "host", "port", "user", "key", "address", "python", "pid")}
 
 
+def known_hosts_file(run_dir: Path) -> Path:
+    """The run's own known_hosts (accept-new: rented instances are new hosts, and their addresses get reused
+    by other instances later). Outside the run directory because ssh's option parser cannot take a path
+    with quotes in it, and run directories may have any name."""
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftl" / "ssh"
+    base.mkdir(parents=True, exist_ok=True)
+    return base / f"known_hosts-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]}"
+
+
 def ssh_argv(node: Node, run_dir: Path, command: str, tty: bool = False) -> list[str]:
     """ssh to a node: batch mode, per-run known_hosts (accept-new), a shared control connection."""
     argv = ["ssh", "-p", str(node.port), "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
             "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3",
-            "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={run_dir / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=accept-new", "-o", f"UserKnownHostsFile={known_hosts_file(run_dir)}",
             "-o", "ControlMaster=auto", "-o", "ControlPath=/tmp/ftl-ssh-%C", "-o", "ControlPersist=60",
             "-o", "LogLevel=ERROR"]
     if node.key:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -212,7 +214,10 @@ class ShardReport(TrainerCallback):
             rep.update(rank=args.process_index, world_size=self.world_size, strategy=self.strategy,
                        distributed_type=getattr(tr.accelerator.distributed_type, "name", str(tr.accelerator.distributed_type)),
                        backend=dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
-                       mixed_precision=tr.accelerator.mixed_precision, step=state.global_step)
+                       mixed_precision=tr.accelerator.mixed_precision, step=state.global_step,
+                       process_group_size=dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+                       node_rank=int(os.environ.get("GROUP_RANK") or 0),
+                       node=os.environ.get("SLURMD_NODENAME") or os.environ.get("FTL_NODE_NAME") or socket.gethostname())
             write_rank_report(self.run_dir, args.process_index, rep)
         except Exception as e:  # noqa: BLE001
             log.warning("shard report failed: %s", e)
