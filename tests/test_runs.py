@@ -261,7 +261,6 @@ def test_secrets_never_written(tmp_path):
 @needs_smoke
 @pytest.mark.parametrize("over,match", [
     ({"cluster.nodes": 2}, "local provider runs on this machine only"),
-    ({"cluster.provider": "runpod"}, "not implemented yet"),
     ({"train.precision": "fp16"}, "fp16 training needs a GPU"),
     ({"train.attn_implementation": "flash_attention_2"}, "FlashAttention needs a GPU"),
     ({"data.path": "/nonexistent/data.jsonl"}, "no such file"),

@@ -259,6 +259,17 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def submitted_script(run: Run, recipe: Any, device: str, python: str | None = None) -> str:
+    """The sbatch script submitit will submit for this run (what `ftl launch --dry-run` shows)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    p = sbatch_params(run, recipe, device)
+    folder = run.dir / "slurm"
+    command = " ".join(shlex.quote(a) for a in (python or recipe.cluster.python or sys.executable, "-u", "-m",
+                                                 "submitit.core._submit", str(folder)))
+    return _make_sbatch_string(command=command, folder=folder, **p)
+
+
 # ---------------------------------------------------------------------------------------------
 # --export job.sbatch
 

@@ -117,6 +117,19 @@ def _remote_python(node: Node) -> str:
     return node.python or sys.executable
 
 
+def dry_run_lines(run: Run, recipe: Any) -> str:
+    """What ftl would run on each host (the rendezvous port is chosen on node 0 at launch)."""
+    nodes = nodes_of(recipe)
+    main = nodes[0].address or nodes[0].host
+    out = []
+    for n in nodes:
+        cmd = [_remote_python(n), "-m", "launcher.node", "--run-dir", str(run.dir), "--machine-rank", str(n.rank),
+               "--nodes", str(len(nodes)), "--main-addr", main, "--port", "<free port on node 0>", "--name", n.host]
+        target = f"{n.user}@{n.host}" if n.user else n.host
+        out.append(f"# {n.label}: ssh -p {n.port} {target}, detached (setsid nohup)\n" + " ".join(shlex.quote(a) for a in cmd))
+    return "\n".join(out)
+
+
 @dataclass
 class SshHandle:
     run: Run
