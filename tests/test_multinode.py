@@ -184,9 +184,9 @@ def test_slurm_preemption_requeues_and_resumes_without_losing_a_step(slurm_clust
     assert run.state()["status"] == "completed" and not processes_of(run.dir)
 
 
-def test_slurm_cancel_checkpoints_and_stops(slurm_cluster, slurm_profile, tmp_path):
+def test_slurm_cancel_checkpoints_stops_and_resumes(slurm_cluster, slurm_profile, tmp_path):
     runs_dir = tmp_path / "runs"
-    p = ftl("launch", SMOKE, "--cluster", slurm_profile, "--nodes", 2, "--set", "train.max_steps=300",
+    p = ftl("launch", SMOKE, "--cluster", slurm_profile, "--nodes", 2, "--set", "train.max_steps=18",
             runs_dir=runs_dir, env=slurm_cluster.env, background=True)
     try:
         run = wait_for(lambda: (R.list_runs(runs_dir) or [None])[0], 60, "the run directory")
@@ -201,8 +201,13 @@ def test_slurm_cancel_checkpoints_and_stops(slurm_cluster, slurm_profile, tmp_pa
     assert st["status"] == "stopped", st
     assert (run.result() or {}).get("status") == "interrupted"
     newest = run.newest_checkpoint()
-    assert newest is not None and int(newest.name.split("-")[1]) > 3  # saved at the stop, not only at step 3
+    stopped_at = int(newest.name.split("-")[1])
+    assert 3 < stopped_at < 18  # saved at the stop, not only at step 3
     wait_for(lambda: not processes_of(run.dir), 30, "every process of the run to end")
+    res = ftl("launch", "--resume", run.id, runs_dir=runs_dir, env=slurm_cluster.env)  # a new job, same run
+    _ok(res)
+    assert run.state()["status"] == "completed" and sorted(losses(run)) == list(range(1, 19))
+    assert f"resuming from {newest}" in (run.dir / "logs" / "node-0.log").read_text()
 
 
 def test_slurm_preflight_names_the_node_and_the_check(slurm_cluster, tmp_path):
@@ -333,3 +338,48 @@ def test_ssh_profile_errors_name_the_field(tmp_path):
     prof = _profile(tmp_path, "few-hosts", provider="ssh", nodes=2, hosts=[{"host": "127.0.0.2"}])
     res = ftl("launch", SMOKE, "--cluster", prof, "--dry-run", runs_dir=tmp_path / "runs")
     assert res.returncode != 0 and "cluster.hosts lists 1 host" in res.stderr
+
+
+def test_ssh_zero3_across_hosts_shards_stops_on_ctrl_c_and_resumes(ssh_profile, tmp_path):
+    """ZeRO-3 over two hosts (torchrun on each, not DeepSpeed's pdsh launcher): each rank holds what the
+    estimator says for world size 2 on 2 nodes × 1; Ctrl-C stops every node with a checkpoint and leaves
+    no process; `ftl launch --resume` continues over SSH to the last step."""
+    from launcher.catalog import resolve_model
+    from launcher.estimate.estimator import build_arch
+    from launcher.estimate.params import plan_params
+    from launcher.estimate.states import state_bytes
+    from launcher.recipe import recipe_from_dict
+
+    runs_dir = tmp_path / "runs"
+    p = ftl("launch", SMOKE, "--cluster", ssh_profile, "--set", "parallel.strategy=zero3", "--set", "method=full",
+            *STEPS, runs_dir=runs_dir, background=True)
+    try:
+        run = wait_for(lambda: (R.list_runs(runs_dir) or [None])[0], 60, "the run directory")
+        wait_for(lambda: (run.checkpoints_dir / "checkpoint-3" / "COMPLETE").is_file(), 180, "checkpoint-3")
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGINT, err[-4000:]
+    assert run.state()["status"] == "stopped" and "ftl launch --resume" in err
+    stopped_at = int(run.newest_checkpoint().name.split("-")[1])
+    assert 3 <= stopped_at < 12
+    wait_for(lambda: not processes_of(run.dir), 30, "no process left after Ctrl-C")
+
+    recipe = recipe_from_dict(yaml.safe_load(run.recipe_path.read_text()), run.recipe_path)
+    arch = build_arch(recipe, resolve_model(recipe.model))
+    params = plan_params(arch, recipe)
+    est = state_bytes(arch, params, recipe, "zero3", 2, 1)
+    want = est.weights - est.detail.get("buffers", 0) - est.gathered - est.detail.get("ZeRO-3 persistent params", 0)
+    for k in (0, 1):
+        rep = json.loads((run.dir / "shards" / f"rank-{k}.json").read_text())
+        assert rep["distributed_type"] == "DEEPSPEED" and rep["process_group_size"] == 2 and rep["node_rank"] == k
+        assert rep["local_bytes"]["params"] == want and rep["local_bytes"]["optimizer"] == est.optimizer
+    assert want == pytest.approx(4 * params.total / 2, rel=0.01)
+
+    res = ftl("launch", "--resume", run.id, runs_dir=runs_dir)
+    _ok(res)
+    assert run.state()["status"] == "completed" and sorted(losses(run)) == list(range(1, 13))
+    assert f"checkpoint-{stopped_at}" in (run.dir / "logs" / "node-0.log").read_text().split("resuming from")[-1]
+    assert not processes_of(run.dir)
