@@ -119,7 +119,8 @@ def _profile(tmp_path: Path, name: str, **fields) -> Path:
 @pytest.fixture(scope="module")
 def slurm_profile(slurm_cluster, tmp_path_factory) -> Path:
     return _profile(tmp_path_factory.mktemp("profiles"), "test-slurm", provider="slurm", partition="debug",
-                    gpus_per_node=1, nodes=1, time_limit="10", cpus_per_task=1)
+                    gpus_per_node=1, nodes=1, time_limit="10", cpus_per_task=1,
+                    env={"GLOO_SOCKET_IFNAME": "lo"})
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +151,7 @@ def test_slurm_two_nodes_train_world_2_and_loss_falls(slurm_cluster, slurm_refer
     node1_log = ftl("logs", run.id, "--rank", 1, runs_dir=runs_dir, env=env)
     _ok(node1_log)
     assert "node node2 (rank 1) of 2" in node1_log.stdout
+    assert "GLOO_SOCKET_IFNAME=lo" in node1_log.stdout  # the profile's network settings reach every node
     rows = json.loads(ftl("ps", "--json", runs_dir=runs_dir, env=env).stdout)
     assert rows[0]["backend"] == "slurm" and rows[0]["where"].startswith(f"job {st['slurm']['job_id']}")
 
