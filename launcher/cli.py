@@ -256,6 +256,16 @@ def render_dry_run(p) -> None:
     for name in ("accelerate.yaml", "deepspeed.json", "command.sh"):
         if name in p.files:
             _show_plain(name, p.files[name])
+    provider = p.recipe.cluster.provider
+    if provider == "slurm":
+        from launcher.backends.slurm import submitted_script
+
+        _show_plain("sbatch script (submitted through submitit; one task per node runs launcher.node)",
+                    submitted_script(p.run, p.recipe, p.plan.device))
+    elif provider == "ssh":
+        from launcher.backends.ssh import dry_run_lines
+
+        _show_plain("per host, over SSH", dry_run_lines(p.run, p.recipe))
     _show_plain("environment set for the launch", "\n".join(f"{k}={v}" for k, v in p.spec.env.items()) or "(none)")
     if p.spec.unset:
         _show_plain("removed from the inherited environment", " ".join(p.spec.unset))

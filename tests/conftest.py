@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("FTL_NO_GPU_DETECT", "1")
+# No test may reach a real provider: no keys from the developer's environment or config, and the API
+# base URLs point at a closed loopback port unless a test starts its own fake server.
+for _k in ("RUNPOD_API_KEY", "LAMBDA_API_KEY", "HF_TOKEN"):
+    os.environ.pop(_k, None)
+os.environ["FTL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="ftl-test-config.")
+os.environ.setdefault("FTL_RUNPOD_API_URL", "http://127.0.0.1:9")
+os.environ.setdefault("FTL_LAMBDA_API_URL", "http://127.0.0.1:9")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -79,6 +79,10 @@ def get_backend(provider: str, echo: bool = True) -> Backend:
         from launcher.backends.ssh import SshBackend
 
         return SshBackend(echo=echo)
+    if provider in ("runpod", "lambda"):
+        from launcher.backends.rental import RentalBackend
+
+        return RentalBackend(provider, echo=echo)
     raise FtlError(f"cluster.provider = {provider!r}: launching there is not implemented yet; "
                    "use the local provider (--cluster cluster/local.yaml), or estimate with `ftl estimate`")
 
