@@ -385,3 +385,37 @@ def test_ssh_zero3_across_hosts_shards_stops_on_ctrl_c_and_resumes(ssh_profile, 
     assert run.state()["status"] == "completed" and sorted(losses(run)) == list(range(1, 13))
     assert f"checkpoint-{stopped_at}" in (run.dir / "logs" / "node-0.log").read_text().split("resuming from")[-1]
     assert not processes_of(run.dir)
+
+
+def _ssh_clients() -> list[int]:
+    """ftl's ssh client processes: the control masters and the log tails."""
+    out = []
+    for pid, cmd in processes_of(Path("/")):
+        if cmd.startswith("ssh") and ("ftl-ssh-" in cmd or "tail -n" in cmd):
+            out.append(pid)
+    return out
+
+
+def test_ssh_connection_drop_mid_run_reconnects_and_loses_no_log_line(ssh_profile, tmp_path):
+    runs_dir = tmp_path / "runs"
+    p = ftl("launch", SMOKE, "--cluster", ssh_profile, *STEPS, runs_dir=runs_dir, background=True)
+    try:
+        run = wait_for(lambda: (R.list_runs(runs_dir) or [None])[0], 60, "the run directory")
+        wait_for(lambda: (R.last_metrics(run.metrics_path) or {}).get("step", 0) >= 2, 120, "step 2")
+        victims = _ssh_clients()
+        assert victims
+        for pid in victims:  # every connection ftl has to the hosts drops at once
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = p.communicate(timeout=TIMEOUT_S)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-4000:]
+    assert run.state()["status"] == "completed"
+    log = run.log_path.read_text()
+    assert "lost the log stream" in log
+    steps = [line for line in log.splitlines() if line.startswith("[node 0] step ") and " loss " in line]
+    assert [int(s.split()[3].split("/")[0]) for s in steps] == list(range(1, 13))  # each step once, none lost

@@ -4,7 +4,9 @@
   does not stop training, and ftl (or a later `ftl logs -f`, `ftl status`, `ftl cancel`) reconnects.
 * Node 0's address (`hosts[0].address`, else its `host`) and a port free on it form the static
   rendezvous; launcher.node's pre-flight checks every node against it before training starts.
-* Logs come back over SSH (`tail -F` of each node's log) into logs/launch.log, prefixed by node.
+* Logs come back over SSH (`tail -F` of each node's log) into logs/launch.log, prefixed by node; a
+  dropped connection is re-opened from the first unseen line, and a node unreachable for
+  FTL_UNREACHABLE_S (600 s) counts as failed.
 * When one node fails, the others are stopped (SIGTERM: they save a checkpoint; SIGKILL after a grace
   period) so no process is left behind; Ctrl-C and `ftl cancel` stop every node the same way.
 * Secret env (HF_TOKEN...) is handed to each node on SSH's stdin, never on a command line or on disk.
@@ -39,6 +41,11 @@ SSH_TIMEOUT_S = 30
 def stop_grace_s() -> float:
     """How long stopped nodes get to save a checkpoint before SIGKILL."""
     return float(os.environ.get("FTL_STOP_GRACE_S", "90"))
+
+
+def unreachable_limit_s() -> float:
+    """How long a node may stay unreachable over SSH (its training goes on) before the run counts it failed."""
+    return float(os.environ.get("FTL_UNREACHABLE_S", "600"))
 
 
 class SshError(FtlError):
@@ -136,7 +143,7 @@ class SshHandle:
     nodes: list[Node]
     stop_signal: int | None = None
     killed: bool = False
-    tails: list[subprocess.Popen] = field(default_factory=list)
+    tails: list["LogFollower"] = field(default_factory=list)
 
 
 class SshBackend(Backend):
@@ -207,30 +214,21 @@ class SshBackend(Backend):
             raise SshError(f"{n.label}: could not start the node process: {r.stderr.strip() or r.stdout.strip()}") from None
 
     # -- logs over SSH --------------------------------------------------------------------------
-    def _tail(self, h: SshHandle, n: Node) -> subprocess.Popen:
-        path = remote_dir(h.run) / "logs" / f"node-{n.rank}.log"
-        cmd = f"tail -n +1 -F {shlex.quote(str(path))} 2>/dev/null"
-        p = subprocess.Popen(ssh_argv(n, h.run.dir, cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-        prefix = f"[node {n.rank}] " if len(h.nodes) > 1 else ""
+    def _tail(self, h: SshHandle, n: Node) -> "LogFollower":
+        f = LogFollower(self, h, n)
+        f.start()
+        return f
 
-        def pump() -> None:
-            assert p.stdout is not None
+    def _emit(self, h: SshHandle, line: str) -> None:
+        with self._out_lock:
             with open(h.run.log_path, "a", errors="replace") as log:
-                for raw in iter(p.stdout.readline, b""):
-                    line = prefix + raw.decode("utf-8", "replace").rstrip("\n")
-                    with self._out_lock:
-                        log.write(line + "\n")
-                        log.flush()
-                        if self.echo:
-                            try:
-                                sys.stdout.write(line + "\n")
-                                sys.stdout.flush()
-                            except (OSError, ValueError):
-                                pass
-
-        threading.Thread(target=pump, daemon=True).start()
-        return p
+                log.write(line + "\n")
+            if self.echo:
+                try:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                except (OSError, ValueError):
+                    pass
 
     # -- wait -----------------------------------------------------------------------------------
     def wait(self, handle: SshHandle) -> str:
@@ -260,7 +258,7 @@ class SshBackend(Backend):
                     signal.signal(s, h)
             time.sleep(0.5)  # let the tails print the last lines
             for t in handle.tails:
-                _kill_tree(t)
+                t.stop()
         self.after_nodes_ended(handle)
         status, error, rc = self._verdict(handle.run, codes, handle.stop_signal is not None or handle.killed)
         handle.run.update_state(status=status, ended=utcnow(), error=error, returncode=rc,
@@ -282,12 +280,21 @@ class SshBackend(Backend):
         """Poll every node until all have ended; when one fails, stop the others. {rank: exit code or None}."""
         codes: dict[int, int | None] = {}
         stopping_since: float | None = None
+        unreachable_since: dict[int, float] = {}
         while len(codes) < len(h.nodes):
             for n in h.nodes:
                 if n.rank in codes:
                     continue
                 state = self._probe(h.run, n)
-                if state == "alive" or state == "unreachable":
+                if state == "unreachable":
+                    first = unreachable_since.setdefault(n.rank, time.monotonic())
+                    if time.monotonic() - first < unreachable_limit_s():
+                        continue
+                    state = "gone"
+                    self._say(h, f"ftl: {n.label} unreachable over SSH for {unreachable_limit_s():.0f} s; giving it up")
+                else:
+                    unreachable_since.pop(n.rank, None)
+                if state == "alive":
                     continue
                 codes[n.rank] = None if state == "gone" else int(state)
                 failed = codes[n.rank] not in (0, EXIT_INTERRUPTED)
@@ -430,6 +437,54 @@ class SshBackend(Backend):
             pass
         with self._out_lock, open(h.run.log_path, "a") as f:
             f.write(msg + "\n")
+
+
+class LogFollower:
+    """Follows one node's log over SSH into logs/launch.log; when the connection drops it reconnects and
+    goes on from the first line it has not seen (training on the node does not depend on this stream)."""
+
+    RECONNECT_S = 2.0
+
+    def __init__(self, backend: SshBackend, h: SshHandle, n: Node):
+        self.backend, self.h, self.n = backend, h, n
+        self.seen = 0
+        self.reconnects = 0
+        self.stopped = threading.Event()
+        self.proc: subprocess.Popen | None = None
+        self.prefix = f"[node {n.rank}] " if len(h.nodes) > 1 else ""
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        path = shlex.quote(str(remote_dir(self.h.run) / "logs" / f"node-{self.n.rank}.log"))
+        while not self.stopped.is_set():
+            cmd = f"tail -n +{self.seen + 1} -F {path} 2>/dev/null"
+            try:
+                self.proc = subprocess.Popen(ssh_argv(self.n, self.h.run.dir, cmd), stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+            except OSError:
+                return
+            assert self.proc.stdout is not None
+            got = False
+            for raw in iter(self.proc.stdout.readline, b""):
+                if not raw.endswith(b"\n"):  # cut by the drop: read it again whole after reconnecting
+                    break
+                got = True
+                self.seen += 1
+                self.backend._emit(self.h, self.prefix + raw.decode("utf-8", "replace").rstrip("\n"))
+            self.proc.wait()
+            if self.stopped.wait(self.RECONNECT_S):
+                return
+            if got or not self.reconnects:  # once per outage
+                self.backend._say(self.h, f"ftl: lost the log stream of {self.n.label}; reconnecting "
+                                          "(training goes on there)")
+            self.reconnects = 0 if got else self.reconnects + 1
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.proc is not None:
+            _kill_tree(self.proc)
 
 
 def _kill_tree(p: subprocess.Popen) -> None:
