@@ -370,6 +370,7 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
 
     full: fp32 parameters, forward under autocast(bf16/fp16) (none for fp32).
     lora: base loaded in the compute dtype (bf16/fp16; fp32 for fp32), PEFT adapters in fp32.
+    qlora: lora with the linears in NF4 (bitsandbytes), prepared by the trainer's prepare_kbit.
     """
     import transformers as tf
 
@@ -384,18 +385,18 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
         kwargs["dtype"] = half
     if method == "qlora":
         # bitsandbytes quantizes on load: save the random model and load it back (local files only),
-        # then PEFT's prepare_model_for_kbit_training (what TRL does for k-bit models: the layers
-        # that stay unquantized -- embeddings, norms, lm_head -- are upcast to fp32)
+        # then the trainer's prepare_kbit (PEFT's prepare_model_for_kbit_training, with what it upcast
+        # to fp32 -- embeddings, norms, lm_head -- put back in the compute dtype, as for lora)
         import tempfile
 
-        import peft
+        from launcher.train.model import prepare_kbit
 
         tmp = tempfile.mkdtemp(prefix="ftl-qlora-")
         auto.from_config(cfg, **kwargs).save_pretrained(tmp)
         qcfg = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                      bnb_4bit_compute_dtype=half or torch.float32)
         model = auto.from_pretrained(tmp, quantization_config=qcfg, device_map="cpu", **kwargs)
-        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_kbit(model, gradient_checkpointing=False)
     else:
         model = auto.from_config(cfg, **kwargs)
     if head == "seq_cls" and getattr(model.config, "pad_token_id", None) is None:

@@ -95,6 +95,7 @@ SAVED_CASES = [
     Case("llama", "freeze"),
     Case("llama", "freeze", ckpt=True),
     Case("llama", "qlora"),
+    Case("llama", "qlora", ckpt=True),
     Case("qwen2", "lora"),
     Case("qwen2", "full"),
     Case("qwen2", "lora", ckpt=True),
@@ -115,6 +116,7 @@ PEAK_CASES = [
     Case("llama", "lora"),  # loss backward
     Case("llama", "lora", ckpt=True),  # top layer backward with the recomputed layer
     Case("llama", "full"),  # optimizer step
+    Case("llama", "qlora"),  # lora's model with NF4 linears (the trainer's prepare_kbit)
     Case("qwen2", "lora", attn="eager"),
     Case("gpt2", "lora", ckpt=True, overrides=NO_ATTN_DROP),
     Case("gpt2", "full", "fp32", overrides=NO_ATTN_DROP),
@@ -329,10 +331,28 @@ def test_breakdown_adds_up(tmp_path: Path):
         assert act.saved > 0 and act.logits > 0 and act.per_layer > 0
 
 
-def test_qlora_keeps_fp32_residual_and_a_copy_of_the_head(tmp_path: Path):
-    lora = _predict(tmp_path, _llama_cfg())
-    qlora = _predict(tmp_path, _llama_cfg(), method="qlora")
-    # prepare_model_for_kbit_training upcasts norms/embeddings/head: fp32 hidden states and MLP
-    assert qlora.saved > lora.saved
-    assert qlora.detail["autocast weight copies"] >= 4096 * 128256 * 2
-    assert lora.detail["autocast weight copies"] < 4096 * 128256
+def test_qlora_activations_equal_lora(tmp_path: Path):
+    # the trainer puts what prepare_model_for_kbit_training upcast (norms, embeddings, head) back in
+    # bf16: a 16-bit residual stream and no fp32 head to copy, exactly as lora; a frozen Linear4bit
+    # saves no more of its input than a frozen nn.Linear
+    for kw in ({}, {"gradient_checkpointing": True}, {"micro_batch_size": 2}):
+        lora = _predict(tmp_path, _llama_cfg(), **kw)
+        qlora = _predict(tmp_path, _llama_cfg(), method="qlora", **kw)
+        assert qlora == lora, kw
+        assert qlora.detail["autocast weight copies"] < 4096 * 128256  # no 16-bit copy of the head
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_qlora_saves_what_lora_saves(ckpt: bool):
+    """Measured: the same tiny Llama as lora and as qlora (the trainer's prepare_kbit) saves the same bytes."""
+    measured = {}
+    for method in ("lora", "qlora"):
+        setup = lb.build(lb.tiny_config("llama", layers=4), method=method, checkpointing=ckpt, seq=SEQ)
+        frozen = {p.dtype for p in setup.model.parameters() if not p.requires_grad}
+        assert frozen == ({torch.bfloat16} if method == "lora" else {torch.bfloat16, torch.uint8}), frozen
+        assert {p.dtype for p in setup.model.parameters() if p.requires_grad} == {torch.float32}
+        counter, loss = lb.measure_saved(setup)
+        measured[method] = (counter.activations, counter.weight_copies)
+        del loss
+    assert measured["qlora"] == measured["lora"], measured

@@ -1,8 +1,9 @@
 """Model-state bytes (launcher/estimate/states.py) against the tensors the libraries really hold.
 
 * NF4 weights: a tiny Llama loaded in 4 bit by bitsandbytes on the CPU, with and without double
-  quantization, then prepared for k-bit training and wrapped with LoRA as ftl does: the unique
-  storages of every parameter, buffer and quant-state tensor equal the estimate's weights exactly.
+  quantization, then prepared for k-bit training and wrapped with LoRA by the trainer's own code
+  (launcher/train/model.py): the unique storages of every parameter, buffer and quant-state tensor
+  equal the estimate's weights exactly.
 * Gradients and optimizer state after one real step, for full, freeze, lora and qlora, with torch
   AdamW, bitsandbytes AdamW8bit / PagedAdamW8bit and SGD; and the foreach AdamW step temporary.
 * Peer check against DeepSpeed's own model-state estimators for ZeRO-2 and ZeRO-3.
@@ -136,20 +137,27 @@ def tiny(tmp_path_factory):
 
 
 def build(model_dir, cfg, recipe):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
 
     method, precision = recipe.method, recipe.train.precision
     cd = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
     lcfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, target_modules=recipe.lora.target_modules,
                       modules_to_save=recipe.lora.modules_to_save or None, task_type="CAUSAL_LM")
     if method == "qlora":
-        q = recipe.quantization
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                                 bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = LlamaForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map={"": "cpu"})
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, lcfg)
+        # the trainer's own path: load_base (NF4 on the CPU), prepare_for_method (PEFT's k-bit preparation
+        # with its fp32 upcast undone), the adapters, then TRL's bf16 cast of the trainables for a 4-bit
+        # model and the trainer's upcast_trainable after it (launcher/train/run.py)
+        from launcher.train import model as M
+
+        model = M.load_base(recipe, str(model_dir), None, device="cpu", strategy="ddp")
+        model, peft_config = M.prepare_for_method(model, recipe)
+        model = M.attach_adapters(model, peft_config)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)  # what TRL's SFTTrainer / DPOTrainer do
+        M.upcast_trainable(model)
+        return model
     if method == "full":
         return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # AMP keeps fp32 weights
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=cd)
@@ -217,12 +225,14 @@ def test_nf4_weights_equal_bitsandbytes_storage(tiny, double_quant):
     if double_quant:
         assert all(m.weight.quant_state.absmax.dtype == torch.uint8 for m in linear4)
 
-    # everything: NF4, fp32 (prepare_model_for_kbit_training upcast) embeddings/norms/lm_head,
-    # fp32 LoRA adapters, rotary buffers
+    # everything: NF4, bf16 embeddings/norms/lm_head (prepare_model_for_kbit_training's fp32 upcast
+    # undone by the trainer, as lora holds them), fp32 LoRA adapters, rotary buffers
     assert held_bytes(model) == est.weights, (held_bytes(model), est.weights, est.detail)
-    upcast = {n for n, p in model.named_parameters() if p.dtype == torch.float32 and "lora_" not in n}
-    assert any("embed_tokens" in n for n in upcast) and any("lm_head" in n for n in upcast)
-    assert any("norm" in n for n in upcast)
+    assert "base weights (fp32)" not in est.detail and est.detail["base weights (bf16)"] > 0
+    rest = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point() and "lora_" not in n}
+    assert set(rest.values()) == {torch.bfloat16}, rest
+    assert any("embed_tokens" in n for n in rest) and any("lm_head" in n for n in rest) and any("norm" in n for n in rest)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
 
 
 CASES = [
@@ -239,6 +249,7 @@ CASES = [
     ("freeze", "bf16", "adamw_8bit", {"freeze": {"trainable_layers": 1}}),
     ("qlora", "bf16", "adamw", {}),
     ("qlora", "bf16", "paged_adamw_8bit", {}),
+    ("qlora", "bf16", "adamw", {"lora": {"modules_to_save": ["lm_head"]}}),  # the copy trains in bf16, as lora's
 ]
 
 

@@ -584,9 +584,9 @@ def _run(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device, checkpoi
     cd = 2 if autocast else FP32
     method = recipe.method
     lora = method in ("lora", "qlora")
-    # lora: base loaded in the compute dtype; qlora: PEFT's prepare_model_for_kbit_training upcasts
-    # what stays unquantized (embeddings, norms, head) to fp32; full/freeze: fp32 master weights
-    base_nb = cd if method == "lora" else FP32
+    # lora / qlora: base in the compute dtype (qlora: what stays unquantized -- embeddings, norms,
+    # head -- is put back in it after prepare_model_for_kbit_training); full/freeze: fp32 masters
+    base_nb = cd if lora else FP32
     tr = _Trace(autocast=autocast, cd=cd, device=device)
     c = _Ctx(
         arch=arch, recipe=recipe, params=params, tr=tr, s=s, cd=cd, base_nb=base_nb,
@@ -674,7 +674,7 @@ def _run(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device, checkpoi
         if head_trains:
             tr.save(tr.autocast_in(x))
         # an fp32 head under autocast: its 16-bit copy is kept for the input gradient (cached when
-        # it trains; made per call when frozen, e.g. qlora's upcast lm_head)
+        # it trains; made per call when frozen in fp32)
         if x.rg and autocast and (head_trains or c.base_nb == FP32):
             tr.weight_copy_params += arch.hidden * arch.vocab
         tr.save(tr.new(1, INT64, False), "loss")  # shifted labels kept by nll_loss

@@ -12,8 +12,9 @@ Conventions (what ftl's trainer does; the estimate follows them):
   FSDP2 keeps fp32 shards and all-gathers them in the compute dtype (MixedPrecisionPolicy).
 * lora: frozen base in the compute dtype; PEFT upcasts the adapters to fp32; modules_to_save copies
   keep the dtype of the module they copy (PEFT does not upcast them, so they train in bf16).
-* qlora: every Linear but the output head in NF4 (bitsandbytes), and prepare_model_for_kbit_training
-  upcasts every other bf16/fp16 parameter (embeddings, norms, lm_head, biases) to fp32.
+* qlora: lora's model with every Linear but the output head in NF4 (bitsandbytes): the trainer puts
+  what prepare_model_for_kbit_training upcast to fp32 (embeddings, norms, lm_head, biases) back in
+  the compute dtype, and modules_to_save copies in the dtype of the module they copy, as with lora.
 * freeze: frozen part in the compute dtype, trainable part upcast to fp32.
 """
 
@@ -306,11 +307,10 @@ def state_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, strategy: str, wo
             return 4
         if t.role == "adapter":
             return 4
-        if method == "qlora":
-            return 4  # prepare_model_for_kbit_training upcasts every non-4-bit parameter
         if method == "freeze":
             return 4 if t.trainable else cd
-        # lora: base and modules_to_save copies in the compute dtype; FSDP2 upcasts trainables
+        # lora / qlora (its non-4-bit part): base and modules_to_save copies in the compute dtype;
+        # FSDP2 upcasts trainables
         return 4 if (strategy == "fsdp" and t.trainable) else cd
 
     def label(t: Tensor, nbytes: int) -> str:
@@ -345,7 +345,9 @@ def state_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, strategy: str, wo
     w.add("buffers", buffer_bytes(arch))
 
     gathered = 0
-    if sharded_params and n > 1:
+    # one process gathers too: ZeRO-3 frees param.data and re-allocates it to gather from ds_tensor,
+    # FSDP2 all-gathers into a separate unsharded buffer (checked: a different data_ptr in the forward)
+    if sharded_params:
         if strategy == "fsdp":
             units: dict[str, int] = {"embed": 0, "tail": 0, "root": 0}
             layer_parts: dict[str, int] = {}  # one decoder layer, each per-layer tensor once

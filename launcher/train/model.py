@@ -5,7 +5,12 @@
 | full | fp32 (bf16/fp16 is autocast, Trainer `bf16=True`) | everything |
 | freeze | compute dtype; the trained modules upcast to fp32 | last k blocks + final norm + head |
 | lora | compute dtype (bf16, or fp32 when precision fp32) | fp32 adapters (PEFT autocast_adapter_dtype) |
-| qlora | NF4 (bitsandbytes, double quant, compute dtype), then `prepare_model_for_kbit_training` | fp32 adapters |
+| qlora | NF4 linears (bitsandbytes, double quant, compute dtype); the rest in the compute dtype, as lora | fp32 adapters |
+
+QLoRA is LoRA's model with the linears in NF4: after PEFT's `prepare_model_for_kbit_training` (which freezes
+everything and enables gradient checkpointing) the embeddings, norms, head and biases it upcast to fp32 go back to
+the compute dtype (`prepare_kbit`); fp32 copies of them cost ~2 GB on an 8B model (plus an fp32 residual stream and
+a 16-bit copy of the head under autocast), and frozen they train fine in bf16, as in plain LoRA.
 
 LoRA targets are the explicit list `peft_target_modules(plan_params(arch, recipe))`, never PEFT's
 own 'all-linear', and classification keeps the classifier head trainable (`modules_to_save`).
@@ -313,14 +318,33 @@ def prepare_for_method(model, recipe: Recipe):
     if recipe.method == "full":
         return model, None
     if recipe.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_kbit(model, recipe.train.gradient_checkpointing)
     return model, lora_config(model, recipe)
+
+
+def prepare_kbit(model, gradient_checkpointing: bool):
+    """PEFT's `prepare_model_for_kbit_training`, without its fp32 upcast: QLoRA = LoRA's model with NF4 linears.
+
+    PEFT freezes every parameter, enables gradient checkpointing (non-reentrant here, so no input-require-grads hook
+    is needed) and upcasts every non-4-bit bf16/fp16 parameter (embeddings, norms, lm_head, biases) to fp32; each
+    upcast parameter goes back to the dtype it was loaded in (the compute dtype), because the fp32 copies cost ~2 GB
+    on an 8B model while the frozen norms/embeddings train fine in bf16, as in plain LoRA. Buffers are not touched
+    by PEFT (the rotary tables stay fp32 as in LoRA); with compute dtype fp32 nothing changes. The LoRA adapters,
+    attached later, stay fp32.
+    """
+    from peft import prepare_model_for_kbit_training
+
+    loaded = {id(p): p.dtype for p in model.parameters()}
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    for p in model.parameters():
+        dtype = loaded.get(id(p))
+        if dtype is not None and p.dtype != dtype and p.is_floating_point() and not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
 
 
 def attach_adapters(model, peft_config):
@@ -330,11 +354,23 @@ def attach_adapters(model, peft_config):
 
 
 def upcast_trainable(model) -> int:
-    """Trainable floating parameters back to fp32 (TRL casts QLoRA adapters to bf16; the estimate assumes fp32)."""
+    """Trainable parameters back to the dtype LoRA trains them in (TRL casts a 4-bit model's trainables to bf16):
+    adapters fp32, modules_to_save copies the dtype of the module they copy (PEFT's copy, as with lora).
+    Returns how many elements changed dtype."""
+    want: dict[int, torch.dtype] = {}
+    for m in model.modules():
+        orig, copies = getattr(m, "original_module", None), getattr(m, "modules_to_save", None)
+        if isinstance(orig, torch.nn.Module) and isinstance(copies, torch.nn.ModuleDict):
+            base = dict(orig.named_parameters())
+            for copy in copies.values():
+                for name, p in copy.named_parameters():
+                    if name in base:
+                        want[id(p)] = base[name].dtype
     n = 0
     for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
+        dtype = want.get(id(p), torch.float32)
+        if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
             n += p.numel()
     return n
 
