@@ -534,8 +534,10 @@ def down(
 ) -> None:
     """Terminate rented instances: a run's (ftl down RUN), or those a killed ftl left behind (ftl down --orphans).
 
-    `ftl down RUN` does not save a checkpoint first: stop the run with `ftl stop RUN` for that."""
-    from launcher.backends.rental import down_orphans, terminate_run
+    When the run's ftl process is gone but its nodes still train, they are first asked to save a checkpoint,
+    and its results are fetched into the run directory (at most FTL_STOP_GRACE_S), so that
+    `ftl launch --resume RUN` can continue it."""
+    from launcher.backends.rental import down_orphans, live_run, salvage, terminate_run
 
     if (run is None) == (not orphans):
         _fail(FtlError("give a RUN or --orphans (not both)"))
@@ -548,6 +550,8 @@ def down(
                 err_console.print("no orphaned ftl-* instances", highlight=False)
         else:
             r = _find(run)
+            if not live_run(r):
+                salvage(r)
             gone, errors = terminate_run(r)
             err_console.print(f"run {r.id}: terminated {len(gone)} instance(s)" + (f": {', '.join(gone)}" if gone else ""),
                               highlight=False)

@@ -412,6 +412,11 @@ def test_kill_9_then_down_orphans_terminates_what_was_left(lambda_, hosts, tmp_p
         assert f"ftl-{run.id}-0" in down.stderr
         assert lambda_.running() == []
         assert all(i.get("terminated_at") for i in run.state()["instances"])
+        # the nodes trained on without ftl; before terminating, they saved a checkpoint and it came back
+        assert "save a checkpoint" in down.stderr
+        ckpt = run.newest_checkpoint()
+        assert ckpt is not None and (ckpt / "COMPLETE").is_file() and (run.dir / "metrics.jsonl").is_file()
+        assert run.state()["status"] == "stopped"
         again = ftl(tmp_path, lambda_, "down", "--orphans")
         _ok(again)
         assert "no orphaned" in again.stderr

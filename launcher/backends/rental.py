@@ -526,6 +526,29 @@ class RentalBackend(SshBackend):
         return super().status(run)
 
 
+def salvage(run: Run) -> bool:
+    """A run whose ftl died while its nodes train on: ask every node to save a checkpoint and stop, wait (at
+    most FTL_STOP_GRACE_S), and fetch what they have, so that terminating loses nothing `ftl launch --resume`
+    needs. False when there is nothing to reach (no hosts recorded, or the run's key is gone)."""
+    from launcher.backends.ssh import stop_grace_s
+
+    st = run.state()
+    provider = (st.get("rental") or {}).get("provider") or st.get("backend")
+    if provider not in RENTED or not st.get("hosts") or not st.get("remote_run_dir") \
+            or not (run.dir / "ssh" / "id_ed25519").is_file():
+        return False
+    b = RentalBackend(provider, echo=False)
+    h = SshHandle(run, b._nodes(run))
+    b._note(run, f"ftl: run {run.id}: its ftl is gone; asking every node to save a checkpoint and stop before terminating")
+    run.update_state(stop_requested=utcnow())
+    b._signal_all(h, signal.SIGTERM)
+    deadline = time.monotonic() + stop_grace_s()
+    while time.monotonic() < deadline and any(b._probe(run, n) == "alive" for n in h.nodes):
+        time.sleep(1.0)
+    b.fetch(run, h.nodes)
+    return True
+
+
 def _rank_suffix(name: str, run_id: str) -> bool:
     head = f"ftl-{run_id}-"
     return name.startswith(head) and name[len(head):].isdigit()
@@ -642,6 +665,11 @@ def down_orphans(providers: list[str] | None = None) -> tuple[list[Any], list[st
     found = orphans(providers)
     errors = []
     runs = list_runs()
+    for r in {id(r): r for r in (owner(i, runs) for i in found) if r is not None}.values():
+        try:
+            salvage(r)
+        except (FtlError, OSError) as e:
+            errors.append(f"run {r.id}: could not save its results before terminating: {e}")
     for inst in found:
         try:
             client(inst.provider).terminate(inst.id)
@@ -665,5 +693,5 @@ def down_orphans(providers: list[str] | None = None) -> tuple[list[Any], list[st
     return found, errors
 
 
-__all__ = ["RentalBackend", "RentalError", "down_orphans", "expected", "orphans", "rented_instances", "spend",
-           "terminate_run"]
+__all__ = ["RentalBackend", "RentalError", "down_orphans", "expected", "orphans", "rented_instances", "salvage",
+           "spend", "terminate_run"]
