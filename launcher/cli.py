@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher import __version__
+from launcher.durations import format_duration as duration
 from launcher.errors import FtlError
 
 app = typer.Typer(
@@ -38,18 +39,6 @@ def _fail(e: Exception) -> None:
 
 def gib(n: int | float | None) -> str:
     return "—" if n is None else f"{n / 1024**3:,.2f} GiB"
-
-
-def duration(s: float | None) -> str:
-    if s is None:
-        return "unknown"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    if s < 3 * 86400:
-        return f"{s / 3600:.2f} h"
-    return f"{s / 86400:.1f} days"
 
 
 def _sci(x: float) -> str:
@@ -382,7 +371,7 @@ def launch(
 def _confirm_rental(p, backend, yes: bool, budget: Optional[float], deadline: Optional[str]) -> None:
     """Show what the rental is expected to take and cost (boot and download included); ask unless --yes."""
     from launcher.backends.rental import expected
-    from launcher.plan import parse_duration
+    from launcher.durations import parse_duration
 
     backend.budget_usd = budget
     backend.deadline_s = parse_duration(deadline) if deadline else None
@@ -843,7 +832,8 @@ def plan_cmd(
 
     Example: ftl plan recipes/llama3-70b-qlora-zero3.yaml --objective cost --deadline 6h
     """
-    from launcher.plan import load_profiles, parse_duration, plan as run_plan, write_plot
+    from launcher.durations import parse_duration
+    from launcher.plan import load_profiles, plan as run_plan, write_plot
     from launcher.recipe import load_recipe
 
     try:

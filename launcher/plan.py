@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher.catalog import ModelSpec, find_gpu, resolve_model
+from launcher.durations import format_duration, parse_duration  # noqa: F401 (parse_duration: part of plan's API)
 from launcher.errors import FtlError
 from launcher.estimate.arch import Arch
 from launcher.estimate.compute import total_cost
@@ -307,14 +308,6 @@ def mark_frontier(cands: Sequence[Candidate]) -> list[Candidate]:
 # Explanation and launch line
 
 
-def _h(s: float) -> str:
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    if s < 3 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
-
-
 def _usd(x: float) -> str:
     return f"${x:,.2f}"
 
@@ -336,11 +329,11 @@ def explain(chosen: Candidate, candidates: Sequence[Candidate], objective: str) 
     other = next((c for c in ranked if (c.profile, c.world, c.strategy, c.offload) != (chosen.profile, chosen.world, chosen.strategy, chosen.offload)), None)
     if other is not None:
         if objective == "time":
-            reasons.append(f"it is the fastest fitting plan ({_h(chosen.total_time_s)}, {_usd(chosen.cost_usd)}) "
-                           f"against {_h(other.total_time_s)} and {_usd(other.cost_usd)} for {other.label} on {other.profile}")
+            reasons.append(f"it is the fastest fitting plan ({format_duration(chosen.total_time_s)}, {_usd(chosen.cost_usd)}) "
+                           f"against {format_duration(other.total_time_s)} and {_usd(other.cost_usd)} for {other.label} on {other.profile}")
         else:
-            reasons.append(f"it is the cheapest fitting plan ({_usd(chosen.cost_usd)}, {_h(chosen.total_time_s)}) "
-                           f"against {_usd(other.cost_usd)} and {_h(other.total_time_s)} for {other.label} on {other.profile}")
+            reasons.append(f"it is the cheapest fitting plan ({_usd(chosen.cost_usd)}, {format_duration(chosen.total_time_s)}) "
+                           f"against {_usd(other.cost_usd)} and {format_duration(other.total_time_s)} for {other.label} on {other.profile}")
     else:
         reasons.append("it is the only configuration that fits")
     return f"{chosen.label} ({chosen.profile}, {chosen.settings}) because {' and '.join(reasons)}."
@@ -388,14 +381,14 @@ def _closest_message(fitting: list[Candidate], budget: float | None, deadline: f
     if budget is not None:
         limits.append(f"budget {_usd(budget)}")
     if deadline is not None:
-        limits.append(f"deadline {_h(deadline)}")
+        limits.append(f"deadline {format_duration(deadline)}")
     over = []
     if budget is not None and best.cost_usd > budget:
         over.append(f"{_usd(best.cost_usd - budget)} over budget")
     if deadline is not None and best.total_time_s > deadline:
-        over.append(f"{_h(best.total_time_s - deadline)} past the deadline")
+        over.append(f"{format_duration(best.total_time_s - deadline)} past the deadline")
     return (f"no plan meets the {' and the '.join(limits)} ({len(fitting)} fitting candidates). The closest is "
-            f"{best.label} on {best.profile} ({best.settings}): {_h(best.total_time_s)}, {_usd(best.cost_usd)}"
+            f"{best.label} on {best.profile} ({best.settings}): {format_duration(best.total_time_s)}, {_usd(best.cost_usd)}"
             f" ({', '.join(over)}). Raise the limit, allow more GPUs or profiles, or try --allow-method qlora.")
 
 
@@ -509,30 +502,6 @@ def load_profiles(refs: Sequence[str | Path] | None = None) -> tuple[list[Cluste
     if not clusters:
         raise FtlError(f"--clusters {', '.join(map(str, refs))}: no cluster profiles (*.yaml) found")
     return clusters, paths
-
-
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """'6h', '90m', '2d', '1h30m', '45s' or plain seconds -> seconds."""
-    import re
-
-    t = text.strip().lower().replace(" ", "")
-    try:
-        v = float(t)
-        if v <= 0:
-            raise ValueError
-        return v
-    except ValueError:
-        pass
-    parts = re.findall(r"(\d+(?:\.\d+)?)(min|s|m|h|d)", t)
-    if not parts or "".join(a + b for a, b in parts) != t:
-        raise FtlError(f"--deadline {text!r}: write a duration such as 6h, 90m, 2d or 1h30m")
-    total = sum(float(a) * _UNITS[b] for a, b in parts)
-    if total <= 0:
-        raise FtlError(f"--deadline {text!r}: must be positive")
-    return total
 
 
 # ---------------------------------------------------------------------------------------------
