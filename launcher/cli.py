@@ -255,6 +255,19 @@ def render_dry_run(p) -> None:
         from launcher.backends.ssh import dry_run_lines
 
         _show_plain("per host, over SSH", dry_run_lines(p.run, p.recipe))
+    elif provider in ("runpod", "lambda") and p.resume_from is None:
+        from launcher.backends.rental import expected, instance_name
+
+        cl = p.recipe.cluster
+        secs, usd = expected(p)
+        names = ", ".join(instance_name(p.run.id, k) for k in range(cl.nodes))
+        _show_plain("would rent (the offer is chosen at launch: cheapest available)",
+                    f"{cl.nodes} × {cl.gpus_per_node} {cl.gpu} on {provider} at ${cl.price_per_gpu_hour:g}/GPU-hour, "
+                    f"named {names}\n"
+                    + ("expected: unknown time and cost (no step time for this GPU)" if secs is None else
+                       f"expected: {duration(secs)}, ${usd:,.2f} (instance boot and weight download included)")
+                    + f"\neach instance: {cl.python or 'python3'} -m launcher.node in <workdir>/runs/{p.run.id}, "
+                    "then results fetched back and the instance terminated")
     _show_plain("environment set for the launch", "\n".join(f"{k}={v}" for k, v in p.spec.env.items()) or "(none)")
     if p.spec.unset:
         _show_plain("removed from the inherited environment", " ".join(p.spec.unset))

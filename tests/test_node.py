@@ -134,3 +134,27 @@ def test_exported_script_quotes_everything(tmp_path):
     argv = shlex.split(srun)
     assert argv[argv.index("--run-dir") + 1] == str(weird) and "/opt/py thon/bin/python" in argv
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("provider,fields,shows", [
+    ("slurm", {"partition": "debug", "nodes": 2}, ["#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --signal=USR2@90",
+                                                  "submitit.core._submit", "-m launcher.node --run-dir"]),
+    ("ssh", {"nodes": 2, "hosts": [{"host": "10.1.0.1", "user": "ubuntu"}, {"host": "10.1.0.2", "user": "ubuntu"}]},
+     ["ssh -p 22 ubuntu@10.1.0.1", "--machine-rank 1", "--main-addr 10.1.0.1"]),
+    ("runpod", {"gpu": "a100-80gb", "price_per_gpu_hour": 1.89}, ["would rent", "ftl-smoke-", "at $1.89/GPU-hour"]),
+])
+def test_dry_run_shows_what_each_provider_would_run_and_starts_nothing(tmp_path, monkeypatch, provider, fields, shows):
+    import yaml
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({"name": "p", "provider": provider, **fields}))
+    monkeypatch.setenv("FTL_RUNS_DIR", str(tmp_path / "runs"))
+    res = CliRunner().invoke(app, ["launch", str(SMOKE), "--cluster", str(prof), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    for s in shows:
+        assert s in text, s
+    assert not (tmp_path / "runs").exists()
