@@ -36,7 +36,7 @@ from launcher.train.shards import _local, _storage, elem_bytes, inner_optimizer,
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--strategy", choices=["ddp", "zero1", "zero2", "zero3", "fsdp"], required=True)
-    ap.add_argument("--method", choices=["full", "lora"], default="full")
+    ap.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
     ap.add_argument("--model-dir", required=True, help="folder with the tiny model's config.json")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
@@ -162,6 +162,58 @@ def snapshot(roots: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# QLoRA as ftl's trainer builds it under ZeRO-3/FSDP (launcher/train/model.py: bnb_config, prepare_kbit)
+
+
+def load_qlora(model, args, acc, cd: torch.dtype):
+    """The random weights saved by rank 0 (save_pretrained writes on the main process only) and loaded
+    back on every rank in NF4 (double quant) with the packed 4-bit bytes stored as the compute dtype
+    (bnb_4bit_quant_storage), the head left unquantized."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    from launcher.train.model import prepare_kbit
+
+    src = os.path.join(args.out, "base")
+    if acc.is_main_process:
+        model.save_pretrained(src)
+    acc.wait_for_everyone()
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=cd, bnb_4bit_quant_storage=cd, llm_int8_skip_modules=["lm_head"])
+    # transformers refuses a device_map under ZeRO-3 ("DeepSpeed Zero-3 is not compatible with passing a
+    # `device_map`"); without one it loads onto the CPU anyway
+    dm = None if args.strategy == "zero3" else {"": "cpu"}
+    model = LlamaForCausalLM.from_pretrained(src, quantization_config=q, dtype=cd, device_map=dm)
+    return prepare_kbit(model, False)
+
+
+def quant_view(model) -> dict:
+    """Every bitsandbytes Linear4bit: local bytes of its weight (the packed NF4 in its storage dtype, as
+    sharded) and the bytes of its quantization constants (QuantState tensors, wherever they hang)."""
+    out = {"modules": 0, "weight_local_bytes": 0, "weight_full_bytes": 0, "weight_dtypes": set(),
+           "weight_types": set(), "const_bytes": 0}
+    consts = []
+    import bitsandbytes as bnb
+
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit):  # not PEFT's lora.Linear4bit wrapper (same weight)
+            continue
+        out["modules"] += 1
+        w = m.weight
+        t = w.ds_tensor if hasattr(w, "ds_tensor") else _local(w)
+        out["weight_local_bytes"] += t.numel() * t.element_size()
+        full = w.ds_numel if hasattr(w, "ds_numel") else w.numel()
+        out["weight_full_bytes"] += full * t.element_size()
+        out["weight_dtypes"].add(str(t.dtype))
+        out["weight_types"].add(type(w).__name__)
+        qs = getattr(w, "quant_state", None) or getattr(m, "quant_state", None)
+        if qs is not None:
+            consts += [qs.absmax, qs.code, getattr(qs, "offset", None)]
+            if getattr(qs, "state2", None) is not None:
+                consts += [qs.state2.absmax, qs.state2.code]
+    out["const_bytes"] = nbytes([c for c in consts if torch.is_tensor(c)])
+    out["weight_dtypes"] = sorted(out["weight_dtypes"])
+    out["weight_types"] = sorted(out["weight_types"])
+    return out
 
 
 def main() -> None:
@@ -174,10 +226,12 @@ def main() -> None:
     cfg = LlamaConfig.from_pretrained(args.model_dir)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)  # fp32: full fine-tuning keeps fp32 weights; DeepSpeed/FSDP cast for compute
-    if args.method == "lora":
+    if args.method == "qlora":
+        model = load_qlora(model, args, acc, torch.bfloat16 if bf16 else torch.float32)
+    if args.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
-        if bf16:
+        if bf16 and args.method == "lora":
             model = model.to(torch.bfloat16)  # ftl loads the frozen base in the compute dtype
         lcfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
@@ -221,6 +275,8 @@ def main() -> None:
         out["local_bytes"] = elem_bytes(local)
         out["storage_bytes"] = nbytes(local)
         out["dtypes"] = sorted(out["dtypes"])
+        if args.method == "qlora":
+            out["nf4"] = quant_view(model)
         return out
 
     def ds_buffers() -> dict:

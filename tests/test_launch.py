@@ -461,3 +461,31 @@ def test_dry_run_subprocess_starts_and_writes_nothing(tmp_path):
     _ok(res)
     assert "would create" in res.stdout and "deepspeed.json" in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.slow
+@needs_trainer
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp"])
+def test_two_process_qlora_shards_the_nf4_weights(work, strategy):
+    """QLoRA under ZeRO-3 / FSDP2 through ftl launch: the packed NF4 weights (stored in the compute dtype) are
+    split across the 2 ranks, and each rank holds exactly the estimator's parameter and optimizer bytes."""
+    runs_dir = work / f"qlora-{strategy}"
+    res = ftl("launch", SMOKE, "--gpus-per-node", 2, "--set", f"parallel.strategy={strategy}", "--set", "method=qlora",
+              "--set", "quantization.bits=4", "--set", "train.precision=bf16", runs_dir=runs_dir, timeout=240)
+    _ok(res)
+    run = only_run(runs_dir)
+    recipe, arch, params, est = _expected_states(run, strategy)
+    # the quantization constants are held beside the parameters (not parameters themselves), whole on each rank
+    want = (est.weights - est.detail.get("buffers", 0) - est.gathered - est.detail.get("ZeRO-3 persistent params", 0)
+            - est.detail["quantization constants"])
+    assert est.detail["base weights (nf4)"] * 2 == pytest.approx(arch_nf4_bytes(params), rel=0.01)
+    for k in (0, 1):
+        rep = json.loads((run.dir / "shards" / f"rank-{k}.json").read_text())
+        assert rep["world_size"] == 2 and rep["backend"] == "gloo"
+        assert rep["local_bytes"]["params"] == want, (k, rep["local_bytes"], want)
+        assert rep["local_bytes"]["optimizer"] == est.optimizer
+
+
+def arch_nf4_bytes(params) -> int:
+    """Packed NF4 bytes of every quantized linear, unsharded (half a byte per weight)."""
+    return sum(b.count * ((lin.in_features * lin.out_features + 1) // 2) for b, lin in params.quantized_linears)

@@ -12,6 +12,11 @@ flat ZeRO-1/2 buffers (16-byte alignment of every parameter, and the group to a 
 world size), so those comparisons allow `_ds_padding` bytes; ZeRO-3 and FSDP2 shards are exact
 (FSDP2 shards dim 0: rank 0 holds ceil(rows/2) rows, rank 1 the rest, so the vocabulary of 1001
 rows makes the ranks differ and the estimate is the larger, rank 0).
+
+QLoRA is loaded as ftl's trainer loads it under ZeRO-3/FSDP (NF4, double quant, the packed 4-bit
+bytes stored as bf16 with bnb_4bit_quant_storage, real bitsandbytes Linear4bit layers on the CPU):
+the NF4 weights are sharded exactly like the bf16 ones, the quantization constants are whole on
+every rank.
 """
 
 from __future__ import annotations
@@ -156,17 +161,31 @@ def test_zero2_full_bf16(tmp_path, tiny):
     assert est.gradients == est.phases["kept"]["gradient partition (bf16)"] + est.phases["step"]["fp32 gradient partition (step)"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+def _check_nf4(p: dict, est, weight_type: str) -> None:
+    """QLoRA under ZeRO-3/FSDP2: the packed NF4 weights (stored as bf16, bnb_4bit_quant_storage) are
+    sharded like any other parameter, exactly half on each rank; the quantization constants
+    (QuantState: absmax, codes, double-quant state) are not parameters and stay whole on every rank."""
+    q = p["nf4"]
+    assert q["modules"] == 2 * 7  # every decoder Linear of the 2 layers; the head stays unquantized
+    assert q["weight_types"] == [weight_type] and q["weight_dtypes"] == ["torch.bfloat16"]
+    assert q["weight_local_bytes"] == est.detail["base weights (nf4)"] == q["weight_full_bytes"] // 2
+    assert q["const_bytes"] == est.detail["quantization constants"]
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_zero3_bf16(tmp_path, tiny, method):
     model_dir, cfg = tiny
     arch, plan, recipe, est = _estimate(cfg, model_dir, method, "zero3")
     reps = run_probe(tmp_path, model_dir, arch, "zero3", method)
-    shard = est.detail["base weights (bf16)"] + est.detail.get("lora adapters", 0)  # DeepSpeed casts adapters to bf16 too
+    # DeepSpeed casts adapters to bf16 too; QLoRA's NF4 weights are bf16-stored partitions as well
+    shard = est.detail["base weights (bf16)"] + est.detail.get("lora adapters", 0) + est.detail.get("base weights (nf4)", 0)
     for rep in reps:
         assert rep["optimizer_chain"][1] == "DeepSpeedZeroOptimizer_Stage3"
         p = rep["after_step"]["params"]
         # every parameter (frozen base included) partitioned: ceil(numel / 2) each, exactly
         assert p["local_bytes"] == shard
+        if method == "qlora":
+            _check_nf4(p, est, "Params4bit")
         # parameters at or below stage3_param_persistence_threshold (norms; LoRA A/B here) stay
         # whole on every rank, beside their partition
         assert p["full_resident_bytes"] == est.detail["ZeRO-3 persistent params"]
@@ -177,12 +196,12 @@ def test_zero3_bf16(tmp_path, tiny, method):
         assert ds["grad_partition"] == est.phases["kept"]["gradient partition (bf16)"]
         assert ds["ipg_buffers"] == est.phases["kept"]["gradient reduce buckets"]
         assert rep["inner_step"]["ds"]["master_grad"] == est.phases["step"]["fp32 gradient partition (step)"]
-    if method == "lora":
+    if method in ("lora", "qlora"):
         trainable = plan.trainable
         assert est.detail["fp32 master weights"] == 4 * trainable // 2
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_fsdp2_bf16(tmp_path, tiny, method):
     model_dir, cfg = tiny
     arch, plan, recipe, est = _estimate(cfg, model_dir, method, "fsdp")
@@ -191,7 +210,8 @@ def test_fsdp2_bf16(tmp_path, tiny, method):
         shard = est.detail["base weights (fp32)"]  # fp32 shards; bf16 only when gathered
         dtypes = ["torch.float32"]
     else:
-        shard = est.detail["base weights (bf16)"] + est.detail["lora adapters"]  # adapters stay fp32
+        # adapters stay fp32; QLoRA's NF4 weights are bf16-stored shards
+        shard = est.detail["base weights (bf16)"] + est.detail["lora adapters"] + est.detail.get("base weights (nf4)", 0)
         dtypes = ["torch.bfloat16", "torch.float32"]
     # rank 1 holds 500 of the 1001 vocabulary rows of embed_tokens and lm_head, rank 0 holds 501
     short = 2 * arch.hidden * (4 if method == "full" else 2)
@@ -200,6 +220,8 @@ def test_fsdp2_bf16(tmp_path, tiny, method):
         assert p["dtypes"] == dtypes
         gap = 0 if rep["rank"] == 0 else short
         assert p["local_bytes"] == shard - gap
+        if method == "qlora":
+            _check_nf4(p, est, "DTensor")
         g = rep["inner_step"]["grads"]
         assert g["dtypes"] == ["torch.float32"]  # gradients in the fp32 shard dtype (reduced in bf16)
         train_gap = gap * (1 if method == "full" else 0)

@@ -15,6 +15,8 @@ Conventions (what ftl's trainer does; the estimate follows them):
 * qlora: lora's model with every Linear but the output head in NF4 (bitsandbytes): the trainer puts
   what prepare_model_for_kbit_training upcast to fp32 (embeddings, norms, lm_head, biases) back in
   the compute dtype, and modules_to_save copies in the dtype of the module they copy, as with lora.
+  Under ZeRO-3/FSDP the packed NF4 bytes are stored as the compute dtype (bnb_4bit_quant_storage)
+  and sharded like any parameter; the quantization constants stay whole on every rank (measured).
 * freeze: frozen part in the compute dtype, trainable part upcast to fp32.
 """
 
@@ -233,6 +235,13 @@ def nf4_bytes(numel: int, double_quant: bool) -> tuple[int, int]:
     return packed, consts
 
 
+def nf4_stored_numel(numel: int, storage_bytes: int) -> int:
+    """Elements of a Params4bit whose packed bytes are stored as a `storage_bytes`-wide dtype
+    (bnb_4bit_quant_storage): shape (packed / storage_bytes, 1)."""
+    packed, _ = nf4_bytes(numel, False)
+    return -(-packed // storage_bytes)
+
+
 def bnb_state_bytes(numel: int, threshold_numel: int | None = None) -> tuple[int, bool]:
     """(bytes, is_8bit) of a bitsandbytes 8-bit Adam state for one tensor (qmaps not included)."""
     if (threshold_numel if threshold_numel is not None else numel) < BNB_MIN_8BIT_SIZE:
@@ -331,8 +340,18 @@ def state_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, strategy: str, wo
     for t in tensors:
         if t.quantized:
             packed, consts = nf4_bytes(t.numel, dq)
-            w.add("base weights (nf4)", t.count * packed)  # not sharded (uint8 storage), replicated
+            # quantization constants (QuantState) are not parameters: whole on every rank
             w.add("quantization constants", t.count * consts)
+            if not sharded_params:
+                w.add("base weights (nf4)", t.count * packed)  # uint8 storage, replicated
+                continue
+            # ZeRO-3/FSDP: the trainer stores the packed bytes as the compute dtype
+            # (bnb_4bit_quant_storage), a (packed / cd, 1) parameter that is sharded like any other
+            e = nf4_stored_numel(t.numel, cd)
+            local = t.count * _ceil_div(e, n) * cd
+            (host if on_host_params else w).add(("host: param shard" if on_host_params else "base weights (nf4)"), local * (per_node if on_host_params else 1))
+            if strategy == "zero3" and e <= persist_th:
+                w.add("ZeRO-3 persistent params", t.count * e * cd)
             continue
         b = held_bytes(t)
         if sharded_params:
@@ -352,21 +371,26 @@ def state_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, strategy: str, wo
             units: dict[str, int] = {"embed": 0, "tail": 0, "root": 0}
             layer_parts: dict[str, int] = {}  # one decoder layer, each per-layer tensor once
             for t in tensors:
-                if t.quantized:
-                    continue
-                b = gather_b or held_bytes(t)
+                # NF4 weights gather in their stored form (already the compute dtype: no cast)
+                nb = nf4_stored_numel(t.numel, cd) * cd if t.quantized else t.numel * (gather_b or held_bytes(t))
                 if t.unit == "layer":
-                    layer_parts[t.name] = t.numel * b
+                    layer_parts[t.name] = nb
                 else:
-                    units[t.unit] += t.count * t.numel * b
+                    units[t.unit] += t.count * nb
             layer = sum(layer_parts.values())
             # root stays gathered from forward to backward, the tail from its forward through its
             # backward; around them one unit is in use and the next one is prefetched
             gathered = units["root"] + max(units["embed"], units["tail"], layer) + layer
         else:
             gb = gather_b or 4
-            largest = max((t.module for t in tensors if not t.quantized), default=0)
-            gathered = gb * (largest + ds_prefetch_bucket(arch))  # one module plus the prefetch bucket
+
+            def module_bytes(t: Tensor) -> int:  # a Linear4bit gathers its NF4 weight in the stored form
+                if t.quantized:
+                    return nf4_stored_numel(t.numel, cd) * cd + (t.module - t.numel) * gb
+                return t.module * gb
+
+            largest = max((module_bytes(t) for t in tensors), default=0)
+            gathered = largest + gb * ds_prefetch_bucket(arch)  # one module plus the prefetch bucket
         w.add("gathered layers (in flight)", gathered)
 
     # --- gradients and optimizer -----------------------------------------------------------------

@@ -200,9 +200,11 @@ def load_base(recipe: Recipe, path: str, tokenizer, *, device: str, strategy: st
     kwargs.update(config_kwargs(recipe, tokenizer))
     if recipe.method == "qlora":
         kwargs["quantization_config"] = bnb_config(recipe, list(HEAD_NAMES), strategy in ("zero3", "fsdp"))
-        if device == "cpu":
+        if strategy == "zero3":
+            pass  # DeepSpeed ZeRO-3 refuses a device_map; bitsandbytes quantizes on the host all the same
+        elif device == "cpu":
             kwargs["device_map"] = {"": "cpu"}
-        elif strategy not in ("zero3", "fsdp"):
+        elif strategy != "fsdp":
             kwargs["device_map"] = {"": local_rank}
     try:
         model = cls.from_pretrained(path, **kwargs)
