@@ -378,11 +378,12 @@ def test_sigint_while_training_checkpoints_fetches_and_terminates(runpod, hosts,
 
 
 def test_budget_reached_mid_run_checkpoints_fetches_and_terminates(runpod, hosts, tmp_path):
-    # $3600/h = $1 a second for the pod: a $25 cap is reached some 25 s after the create (boot, bootstrap,
-    # sync and model load take ~10 s here), well inside a 400-step run
+    # $3600/h = $1 a second for the pod: a $40 cap is reached some 40 s after the create (boot, bootstrap,
+    # sync and model load take ~10 s here), well inside a 5000-step run (~0.07 s a step here)
     for g in runpod.gpus:
         g["price"] = {"secure": 3600.0, "community": 3600.0, "serverless": 3600.0}
-    res = launch(tmp_path, runpod, _profile(tmp_path, "runpod"), "--set", "train.max_steps=400", "--budget", 25)
+    res = launch(tmp_path, runpod, _profile(tmp_path, "runpod"), "--set", "train.max_steps=5000", "--set",
+                 "train.save_steps=100", "--budget", 40)
     run = only_run(tmp_path)
     st = run.state()
     assert res.returncode != 0 and st["status"] == "stopped", (st, res.stderr[-3000:])
