@@ -371,10 +371,53 @@ def test_sigint_while_training_checkpoints_fetches_and_terminates(runpod, hosts,
             p.kill()
     st = run.state()
     assert st["status"] == "stopped", (st, err[-3000:])
-    assert run.newest_checkpoint() is not None  # saved on the instance at the stop, and fetched
+    ckpt = run.newest_checkpoint()
+    assert ckpt is not None  # saved on the instance at the stop, and fetched
     _terminated_all(run)
     assert not node_processes(tmp_path)
+    # nothing was lost: a re-run rents a new instance, sends the checkpoint up and finishes from there
+    res = ftl(tmp_path, runpod, "launch", "--resume", run.id, "--yes")
+    _ok(res)
+    st = run.state()
+    assert st["status"] == "completed" and len(st["instances"]) == 2 and runpod.running() == []
+    assert sorted(m["step"] for m in R.read_metrics(run.metrics_path) if "loss" in m) == list(range(1, 401))
+    assert f"resuming from" in res.stdout + run.log_path.read_text() and ckpt.name in run.log_path.read_text()
+    _terminated_all(run)
+    no_secrets(tmp_path, runpod, hosts, out, err, res.stdout, res.stderr)
+
+
+def test_ssh_drop_mid_run_reconnects_and_finishes(runpod, hosts, tmp_path):
+    """Every SSH connection ftl holds to the instance dies mid-run: training goes on there, the log stream
+    comes back, results are fetched and the instance terminated."""
+    p = launch(tmp_path, runpod, _profile(tmp_path, "runpod"), "--set", "train.max_steps=300", background=True)
+    try:
+        run = _until_training(p, tmp_path)
+        for pid, cmd in _procs():
+            if cmd.startswith("ssh") and ("ftl-ssh-" in cmd or "tail -n" in cmd):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        out, err = p.communicate(timeout=240)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-3000:]
+    assert run.state()["status"] == "completed" and "lost the log stream" in run.log_path.read_text()
+    assert (run.dir / "output" / "adapter_config.json").is_file()
+    _terminated_all(run)
     no_secrets(tmp_path, runpod, hosts, out, err)
+
+
+def _procs() -> list[tuple[int, str]]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                out.append((int(p.name), (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
+            except OSError:
+                pass
+    return out
 
 
 def test_budget_reached_mid_run_checkpoints_fetches_and_terminates(runpod, hosts, tmp_path):
