@@ -409,6 +409,37 @@ def test_ssh_drop_mid_run_reconnects_and_finishes(runpod, hosts, tmp_path):
     no_secrets(tmp_path, runpod, hosts, out, err)
 
 
+def test_instance_lost_mid_run_keeps_the_checkpoint_synced_back(runpod, hosts, tmp_path):
+    """The instance dies for good mid-run (unreachable, its processes gone): the newest complete checkpoint
+    that came back while training is there, the run fails naming the node, and it is terminated."""
+    p = launch(tmp_path, runpod, _profile(tmp_path, "runpod"), "--set", "train.max_steps=3000", "--set",
+               "train.save_steps=20", background=True,
+               env={"FTL_SYNC_EVERY_S": "1", "FTL_UNREACHABLE_S": "5"})
+    try:
+        run = _until_training(p, tmp_path)
+        wait_for(lambda: run.state().get("synced_checkpoint"), 120, "a checkpoint synced back while training")
+        for h in hosts.sshd:  # the instance becomes unreachable ...
+            (h.dir / "authorized_keys").write_text("")
+        for pid, cmd in _procs():  # ... its connections drop and its processes die
+            if (cmd.startswith("ssh") and ("ftl-ssh-" in cmd or "tail -n" in cmd)) or str(tmp_path / "remote") in cmd:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        out, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    st = run.state()
+    assert p.returncode != 0 and st["status"] == "failed" and "node 0" in (st.get("error") or ""), (st, err[-3000:])
+    ckpt = run.newest_checkpoint()
+    assert ckpt is not None and ckpt.name == st["synced_checkpoint"] and (ckpt / "COMPLETE").is_file()
+    assert (run.dir / "metrics.jsonl").is_file()
+    _terminated_all(run)
+    assert not node_processes(tmp_path)
+    no_secrets(tmp_path, runpod, hosts, out, err)
+
+
 def _procs() -> list[tuple[int, str]]:
     out = []
     for p in Path("/proc").iterdir():

@@ -18,6 +18,8 @@ run. So this module adds what the SSH path does not do, and nothing else:
 * launch through SshBackend (hosts = the instances' SSH endpoints, rendezvous on the private address);
 * budget guard: spend = price x time since each instance was created; at budget.max_cost_usd /
   max_hours (or --budget / --deadline) the nodes get SIGTERM (they save a checkpoint), results come back;
+* while training, the newest COMPLETE checkpoint comes back every FTL_SYNC_EVERY_S (10 min), so an
+  instance that dies or becomes unreachable takes at most that much with it;
 * after the nodes end (any way: done, failed, Ctrl-C, budget), checkpoints/, output/, metrics and
   result.json are fetched, then every instance is terminated in a `finally`.
 """
@@ -53,6 +55,11 @@ SYNCED = ("recipe.yaml", "plan.json", "accelerate.yaml", "deepspeed.json", "comm
 
 class RentalError(FtlError):
     pass
+
+
+def sync_every_s() -> float:
+    """How often the newest complete checkpoint comes back while training (default 10 minutes)."""
+    return float(os.environ.get("FTL_SYNC_EVERY_S", "600"))
 
 
 def _env_float(name: str, default: float | None) -> float | None:
@@ -174,6 +181,7 @@ class RentalBackend(SshBackend):
         self.budget_usd, self.deadline_s = budget_usd, deadline_s
         self._client: Any = None
         self._previous: dict[int, Any] = {}
+        self._fetch_lock = threading.Lock()  # the periodic sync and the final fetch write the same folders
 
     @property
     def client(self) -> Any:
@@ -252,7 +260,55 @@ class RentalBackend(SshBackend):
         if usd is not None or secs is not None:
             h.guard = threading.Thread(target=self._guard, args=(h, usd, secs), daemon=True)
             h.guard.start()
+        threading.Thread(target=self._sync_back, args=(h,), daemon=True).start()
         return h
+
+    # -- checkpoints back while training --------------------------------------------------------------
+    def _sync_back(self, h: RentalHandle) -> None:
+        """Every FTL_SYNC_EVERY_S, the newest COMPLETE checkpoint (every node's part of it) and metrics.jsonl
+        come back, so an instance that dies takes at most that much training with it."""
+        every = sync_every_s()
+        while not h.done.wait(every):
+            try:
+                self.fetch_newest_checkpoint(h.run, h.nodes)
+            except Exception as e:  # noqa: BLE001 - a failed sync must never stop training
+                self._note(h.run, f"ftl: could not bring the newest checkpoint back ({e}); training goes on")
+
+    def fetch_newest_checkpoint(self, run: Run, nodes: list[Node]) -> str | None:
+        with self._fetch_lock:
+            return self._fetch_newest_checkpoint(run, nodes)
+
+    def _fetch_newest_checkpoint(self, run: Run, nodes: list[Node]) -> str | None:
+        q = shlex.quote
+        rdir = q(str(remote_dir(run)))
+        node0 = min(nodes, key=lambda n: n.rank)
+        find = (f"cd {rdir} && for d in $(ls -d checkpoints/checkpoint-* 2>/dev/null | sort -t- -k2 -n); do "
+                f"[ -f \"$d/COMPLETE\" ] && echo \"$d\"; done | tail -n 1")
+        r = run_ssh(node0, run.dir, find, timeout=60)
+        name = r.stdout.strip().rsplit("/", 1)[-1] if r.returncode == 0 else ""
+        st = run.state()
+        if not name or name == st.get("synced_checkpoint"):
+            return None
+        for n in sorted(nodes, key=lambda m: -m.rank):  # every node's shards; node 0's files (COMPLETE) last
+            extra = " metrics.jsonl" if n is node0 else ""
+            cmd = f"cd {rdir} && tar cf - {q('checkpoints/' + name)}{extra} 2>/dev/null"
+            p = subprocess.run(ssh_argv(n, run.dir, cmd), capture_output=True, timeout=3600)
+            if not p.stdout:
+                if n is node0:
+                    raise RentalError(f"{n.label}: {p.stderr.decode(errors='replace').strip()[-200:] or 'no data'}")
+                continue
+            with tarfile.open(fileobj=io.BytesIO(p.stdout), mode="r") as tar:
+                safe = [m for m in tar.getmembers() if not m.name.startswith(("/", "..")) and ".." not in Path(m.name).parts
+                        and (m.isfile() or m.isdir())]
+                tar.extractall(run.dir, members=safe, filter="data")
+        old = st.get("synced_checkpoint")
+        if old and old != name and (run.checkpoints_dir / old).is_dir():
+            import shutil
+
+            shutil.rmtree(run.checkpoints_dir / old, ignore_errors=True)  # only the newest is kept while training
+        run.update_state(synced_checkpoint=name)
+        self._note(run, f"ftl: brought {name} back into {run.checkpoints_dir}")
+        return name
 
     def provision(self, run: Run, recipe: Any, public_key: str) -> list[Any]:
         """Create the instances (next offer on no capacity), record each at once, wait until every one is ready."""
@@ -444,10 +500,16 @@ class RentalBackend(SshBackend):
 
     # -- results back -------------------------------------------------------------------------------
     def after_nodes_ended(self, handle: SshHandle) -> None:
+        if isinstance(handle, RentalHandle):
+            handle.done.set()  # no more periodic syncs or budget checks
         self.fetch(handle.run, handle.nodes)
 
     def fetch(self, run: Run, nodes: list[Node]) -> None:
         """checkpoints/, output/, metrics, result.json, pre-flight answers and node logs: node 0's win."""
+        with self._fetch_lock:
+            self._fetch(run, nodes)
+
+    def _fetch(self, run: Run, nodes: list[Node]) -> None:
         rdir = remote_dir(run)
         q = shlex.quote
         names = " ".join(q(f) for f in FETCH)
