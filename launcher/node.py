@@ -6,8 +6,8 @@ the others before any training process starts (pre-flight):
 
 1. Where am I: node rank, node count, the first node's address and a port. Under SLURM they come from
    the job (`SLURM_NODEID`; the first node of `SLURM_JOB_NODELIST` resolved through `scontrol show
-   node` to its NodeAddr, never assumed from its name; a port derived from the job id, so every node
-   computes the same one). Over SSH, ftl passes them on the command line.
+   node` to its NodeAddr, never assumed from its name; a port node 0 finds free on its host and writes
+   into the run directory, which every node sees). Over SSH, ftl passes them on the command line.
 2. Node 0 listens on that address and port; every other node connects (which proves the main address
    is reachable on the chosen port) and sends its facts: GPUs visible, python/torch/transformers/ftl
    versions. Node 0 compares them and answers every node with go or the failure, naming the node and
@@ -37,7 +37,6 @@ from typing import Any, Callable
 
 EXIT_PREFLIGHT = 3
 EXIT_INTERRUPTED = 143  # launcher.train.run.EXIT_INTERRUPTED: stopped on request after a COMPLETE checkpoint
-PORT_BASE, PORT_SPAN = 20000, 20000
 SECRETS_VAR = "FTL_NODE_SECRETS"  # JSON of secret env, handed over by the SSH backend; never written
 GROUP_EXIT_WAIT_S = 120
 
@@ -69,9 +68,30 @@ class PreflightError(Exception):
 # where am I
 
 
-def slurm_port(job_id: str | int) -> int:
-    """The rendezvous port of a SLURM job: the same on every node without talking (and on a requeue)."""
-    return PORT_BASE + int(str(job_id).split("_")[0]) % PORT_SPAN
+def slurm_port(run_dir: Path, job_id: str, restart: str, rank: int, timeout: float | None = None) -> int:
+    """The rendezvous port of a SLURM job: node 0 takes a free one on its host and writes it into the run
+    directory (which every node sees: SLURM launches need a shared filesystem anyway); the others read it.
+    One file per job and restart, so a requeued job never reads the port of its previous run."""
+    from launcher.render import free_port
+    from launcher.runs import read_json, write_json
+
+    path = run_dir / "preflight" / f"port-{job_id}-{restart}.json"
+    if rank == 0:
+        path.parent.mkdir(exist_ok=True)
+        port = free_port("")
+        write_json(path, {"port": port})
+        return port
+    deadline = time.monotonic() + (preflight_timeout() if timeout is None else timeout)
+    while time.monotonic() < deadline:
+        try:
+            d = read_json(path)
+        except Exception:  # noqa: BLE001 - being written; read again
+            d = None
+        if d and d.get("port"):
+            return int(d["port"])
+        time.sleep(0.2)
+    raise PreflightError(f"node 0 never published the rendezvous port in {path}: is the run directory on a "
+                         "filesystem every node sees?")
 
 
 def slurm_node_addr(node: str) -> str:
@@ -87,7 +107,7 @@ def slurm_node_addr(node: str) -> str:
     return socket.gethostbyname(node)
 
 
-def slurm_place() -> Place:
+def slurm_place(run_dir: Path) -> Place:
     env = os.environ
     missing = [k for k in ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_JOB_NODELIST") if k not in env]
     if missing:
@@ -98,8 +118,9 @@ def slurm_place() -> Place:
     if not hosts:
         raise PreflightError(f"scontrol could not expand SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r}")
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(hosts))
-    return Place(rank=int(env["SLURM_NODEID"]), nodes=nodes, main_addr=slurm_node_addr(hosts[0]),
-                 port=slurm_port(env["SLURM_JOB_ID"]),
+    rank = int(env["SLURM_NODEID"])
+    return Place(rank=rank, nodes=nodes, main_addr=slurm_node_addr(hosts[0]),
+                 port=slurm_port(run_dir, env["SLURM_JOB_ID"], env.get("SLURM_RESTART_COUNT") or "0", rank),
                  name=env.get("SLURMD_NODENAME") or socket.gethostname())
 
 
@@ -389,7 +410,7 @@ class Node:
     def run_node(self) -> int:
         from launcher.render import Plan
 
-        place = self.place or slurm_place()
+        place = self.place or slurm_place(self.run.dir)
         self.place = place
         (self.run.dir / "logs").mkdir(exist_ok=True)
         rc: int
@@ -478,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--machine-rank", type=int, help="this node's rank (default: SLURM_NODEID)")
     ap.add_argument("--nodes", type=int, help="node count (default: from the job)")
     ap.add_argument("--main-addr", help="the first node's address (default: resolved through SLURM)")
-    ap.add_argument("--port", type=int, help="rendezvous port (default: derived from the SLURM job id)")
+    ap.add_argument("--port", type=int, help="rendezvous port (default: node 0 picks a free one under SLURM)")
     ap.add_argument("--name", help="this node's name in messages")
     a = ap.parse_args(argv)
     place = None

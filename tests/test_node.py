@@ -97,9 +97,15 @@ def test_slurm_time_limit_typo_names_the_field():
         slurm_minutes("2h")
 
 
-def test_slurm_port_is_the_same_on_every_node_and_in_range():
-    assert slurm_port("12345") == slurm_port(12345) == 20000 + 12345 % 20000
-    assert 20000 <= slurm_port("987654_3") < 40000
+def test_slurm_port_is_chosen_free_by_node_0_and_read_by_the_others(tmp_path):
+    import socket
+
+    port = slurm_port(tmp_path, "123", "0", 0)
+    with socket.socket() as s:
+        s.bind(("", port))  # it was free
+    assert slurm_port(tmp_path, "123", "0", 1) == port == slurm_port(tmp_path, "123", "0", 3)
+    with pytest.raises(PreflightError, match="never published the rendezvous port"):
+        slurm_port(tmp_path, "123", "1", 1, timeout=0.5)  # a requeued job waits for its own node 0
 
 
 def _recipe(tmp_path: Path, **cluster):
