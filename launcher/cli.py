@@ -339,6 +339,7 @@ def launch(
             _export(p, export, as_json)
             return
         backend = get_backend(p.recipe.cluster.provider, echo=not as_json)
+        backend.check()
         if not as_json:
             for w in p.warnings or []:
                 err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)

@@ -164,3 +164,18 @@ def test_dry_run_shows_what_each_provider_would_run_and_starts_nothing(tmp_path,
     for s in shows:
         assert s in text, s
     assert not (tmp_path / "runs").exists()
+
+
+def test_slurm_launch_without_slurm_tools_says_so_and_creates_nothing(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    prof = tmp_path / "p.yaml"
+    prof.write_text(yaml.safe_dump({"name": "p", "provider": "slurm", "nodes": 2}))
+    monkeypatch.setenv("FTL_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    res = CliRunner().invoke(app, ["launch", str(SMOKE), "--cluster", str(prof)])
+    assert res.exit_code == 2 and "SLURM client tools not found" in " ".join(res.output.split())
+    assert not (tmp_path / "runs").exists()

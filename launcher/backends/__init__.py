@@ -18,6 +18,9 @@ from launcher.runs import Run
 class Backend(abc.ABC):
     name: str = "?"
 
+    def check(self) -> None:
+        """Refuse early (before a run directory exists) when this machine cannot drive the backend."""
+
     @abc.abstractmethod
     def launch(self, run: Run, resume_from: str | None = None) -> Any:
         """Start the run described by run's directory (command.sh, plan.json); return a handle."""

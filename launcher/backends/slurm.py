@@ -115,6 +115,9 @@ class SlurmBackend(Backend):
     def __init__(self, echo: bool = True):
         self.echo = echo
 
+    def check(self) -> None:
+        _check_tools()
+
     # -- start --------------------------------------------------------------------------------
     def launch(self, run: Run, resume_from: str | None = None, spec: Any = None,
                secrets: dict[str, str] | None = None) -> SlurmHandle:

@@ -153,6 +153,12 @@ class SshBackend(Backend):
         self.echo = echo
         self._out_lock = threading.Lock()
 
+    def check(self) -> None:
+        import shutil
+
+        if not shutil.which("ssh"):
+            raise SshError("the ssh client is not on PATH: install OpenSSH (apt-get install openssh-client)")
+
     # -- start --------------------------------------------------------------------------------
     def launch(self, run: Run, resume_from: str | None = None, spec: Any = None,
                secrets: dict[str, str] | None = None) -> SshHandle:
