@@ -129,6 +129,11 @@ def build_cost(run: Run) -> dict[str, Any]:
     gpu_hours = round(wall / 3600 * gpus, 6) if wall is not None else None
     price, price_source = _price(run, est)
     cost = round(gpu_hours * price, 6) if gpu_hours is not None else None
+    cost_from = "GPU-hours × price"
+    if st.get("instances"):  # rented: what the provider bills, from each instance's creation to its termination
+        from launcher.backends.rental import spend
+
+        cost, cost_from = round(spend(st["instances"]), 6), "rented instances: price × time from creation to termination"
     step_s, steps, step_how = measured_step_time(run)
     peak, peak_where = measured_peak(run)
     pd = est.get("per_device") or {}
@@ -150,6 +155,7 @@ def build_cost(run: Run) -> dict[str, Any]:
         "steps": steps,
         "gpu_hours": gpu_hours,
         "cost_usd": cost,
+        "cost_from": cost_from,
         "peak_memory_bytes": peak,
         "peak_memory_from": peak_where,
     }

@@ -275,6 +275,14 @@ def test_runpod_single_node_with_500_and_429_trains_fetches_and_terminates(runpo
     assert len(creates) == 2 and not runpod._faults and len(runpod.instances) == 1
     _terminated_all(run)
     assert "terminated 1 instance(s)" in res.stderr
+    # ftl report: what the provider bills, price x time from the create to the termination
+    from launcher.backends.rental import spend
+    from launcher.report import report
+
+    cost = report(run)["actual"]
+    assert cost["cost_from"].startswith("rented instances") and cost["cost_usd"] == pytest.approx(spend(inst), abs=1e-6)
+    t0, t1 = (R.dt.datetime.fromisoformat(inst[0][k].replace("Z", "+00:00")).timestamp() for k in ("created_at", "terminated_at"))
+    assert cost["cost_usd"] == pytest.approx(inst[0]["price_per_hour"] * (t1 - t0) / 3600, abs=1e-6) and cost["cost_usd"] > 0
     no_secrets(tmp_path, runpod, hosts, res.stdout, res.stderr)
 
 

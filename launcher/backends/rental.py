@@ -561,6 +561,12 @@ class RentalBackend(SshBackend):
             handle.done.set()
             self._untrap()
             self.teardown(handle.run)
+            try:  # cost.json again, now that every instance has its termination time
+                from launcher.report import write_cost
+
+                write_cost(handle.run)
+            except Exception:  # noqa: BLE001 - a report never fails a run
+                pass
 
     # -- tear down ----------------------------------------------------------------------------------
     def teardown(self, run: Run, quiet: bool = False) -> list[str]:
