@@ -289,6 +289,8 @@ def launch(
     as_json: bool = typer.Option(False, "--json", help="Print JSON (the dry-run plan, or the final state) instead of text."),
     export: Optional[Path] = typer.Option(None, "--export", help="SLURM profiles: prepare the run directory and write a "
                                           "standalone sbatch script to this file instead of submitting."),
+    detach: bool = typer.Option(False, "--detach", help="SLURM profiles: submit and return at once (follow with "
+                                "ftl status / ftl logs -f RUN; stop with ftl cancel RUN)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Rented GPUs (runpod, lambda): rent without asking to confirm "
                              "the expected cost and time."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Rented GPUs: most USD to spend (default: "
@@ -338,6 +340,9 @@ def launch(
         if export is not None:
             _export(p, export, as_json)
             return
+        if detach and p.recipe.cluster.provider != "slurm":
+            raise FtlError(f"--detach leaves the run to the job scheduler: it needs a SLURM profile (cluster.provider is "
+                           f"{p.recipe.cluster.provider!r})")
         backend = get_backend(p.recipe.cluster.provider, echo=not as_json)
         backend.check()
         if not as_json:
@@ -355,6 +360,12 @@ def launch(
                               f"{p.plan.device} · {p.recipe.cluster.provider} · log {escape(str(run.log_path))}",
                               highlight=False, soft_wrap=True)
         handle = backend.launch(run, resume_from=str(p.resume_from) if p.resume_from else None, spec=p.spec, secrets=p.secrets)
+        if detach:
+            if as_json:
+                sys.stdout.write(json.dumps(run.state(), indent=2) + "\n")
+            else:
+                err_console.print(f"run {run.id} submitted; follow it with: ftl logs -f {run.id}", highlight=False)
+            return
         status = backend.wait(handle)
     except FtlError as e:
         _fail(e)

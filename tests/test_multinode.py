@@ -162,19 +162,24 @@ def test_slurm_preemption_requeues_and_resumes_without_losing_a_step(slurm_clust
     _ok(ref_res)
     reference = losses(only_run(ref_runs))
     runs_dir = tmp_path / "runs"
-    p = ftl("launch", SMOKE, "--cluster", slurm_profile, "--nodes", 2, *STEPS, runs_dir=runs_dir,
-            env=slurm_cluster.env, background=True)
+    # submitted detached (the scheduler keeps the job), then followed with `ftl logs -f` until it ends
+    sub = ftl("launch", SMOKE, "--cluster", slurm_profile, "--nodes", 2, *STEPS, "--detach", "--json",
+              runs_dir=runs_dir, env=slurm_cluster.env)
+    _ok(sub)
+    submitted = json.loads(sub.stdout)
+    run, job = only_run(runs_dir), submitted["slurm"]["job_id"]
+    assert submitted["run_id"] == run.id and submitted["status"] == "running"
+    p = ftl("logs", run.id, "--follow", runs_dir=runs_dir, env=slurm_cluster.env, background=True)
     try:
-        run = wait_for(lambda: (R.list_runs(runs_dir) or [None])[0], 60, "the run directory")
         wait_for(lambda: (run.checkpoints_dir / "checkpoint-3" / "COMPLETE").is_file(), 180, "checkpoint-3")
-        job = run.state()["slurm"]["job_id"]
         # what SLURM sends before a time limit or on preemption (submitit's --signal=USR2@90), to the steps
         slurm_cluster.run("scancel", "--signal=USR2", job)
-        out, err = p.communicate(timeout=TIMEOUT_S)
+        out, err = p.communicate(timeout=TIMEOUT_S)  # logs -f returns when the requeued job has finished
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, err[-5000:]
+    assert "step 12/12" in out and "SLURM restart 1" in out
     log0 = (run.dir / "logs" / "node-0.log").read_text()
     assert "SLURM restart 1" in log0 and "resuming from" in log0
     info = slurm_cluster.run("scontrol", "show", "job", "-o", job)
