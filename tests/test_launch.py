@@ -26,6 +26,7 @@ import yaml
 from launcher import runs as R
 from launcher.backends.local import LocalBackend, LogTee
 from launcher.render import LaunchSpec
+from launchkit import ftl_env, losses, ok, only_run, run_ftl
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -40,14 +41,6 @@ needs_trainer = pytest.mark.skipif(not has_trainer, reason="launcher/train or re
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _env(runs_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "MASTER_")) and
-           k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(FTL_NO_GPU_DETECT="1", FTL_RUNS_DIR=str(runs_dir), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1")
-    return env
-
-
 def _kill_runs(runs_dir: Path) -> None:
     """Last resort after a timeout: kill every process group a run recorded."""
     for run in R.list_runs(runs_dir):
@@ -60,31 +53,11 @@ def _kill_runs(runs_dir: Path) -> None:
 
 
 def ftl(*args, runs_dir: Path, cwd: Path | None = None, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "launcher.cli", *map(str, args)]
-    p = subprocess.Popen(cmd, cwd=cwd or runs_dir.parent, env=_env(runs_dir), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_runs(runs_dir)
-        p.kill()
-        out, err = p.communicate()
-        pytest.fail(f"ftl {' '.join(map(str, args))} did not finish in {timeout} s\n{out[-3000:]}\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    return run_ftl(args, cwd=cwd or runs_dir.parent, env=ftl_env(runs_dir), timeout=timeout,
+                   on_timeout=lambda: _kill_runs(runs_dir))
 
 
-def only_run(runs_dir: Path) -> R.Run:
-    runs = R.list_runs(runs_dir)
-    assert len(runs) == 1, [r.id for r in runs]
-    return runs[0]
-
-
-def losses(run: R.Run) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in R.read_metrics(run.metrics_path) if "loss" in m}
-
-
-def _ok(res: subprocess.CompletedProcess) -> None:
-    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+_ok = ok
 
 
 # --- the local backend with plain Python children (fast) --------------------------------------------
@@ -321,7 +294,7 @@ def test_two_process_world(work, single_full, strategy):
 def _launch_and_stop_after_first_checkpoint(work: Path, runs_dir: Path, sets: list[str]):
     """Start `ftl launch` on the smoke recipe and SIGTERM it once a COMPLETE checkpoint exists."""
     p = subprocess.Popen([sys.executable, "-m", "launcher.cli", "launch", str(SMOKE), *sets], cwd=work,
-                         env=_env(runs_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         env=ftl_env(runs_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
         while time.monotonic() < deadline and p.poll() is None:

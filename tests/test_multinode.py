@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from launcher import runs as R
+from launchkit import ftl_env, losses, ok, only_run, processes_mentioning, run_ftl, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -32,69 +30,18 @@ pytestmark = pytest.mark.slow
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _env(runs_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "MASTER_", "SLURM_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(FTL_NO_GPU_DETECT="1", FTL_RUNS_DIR=str(runs_dir), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONUNBUFFERED="1", FTL_PREFLIGHT_TIMEOUT="60", FTL_STOP_GRACE_S="30")
-    env.update(extra or {})
-    return env
-
-
 def ftl(*args, runs_dir: Path, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S,
         background: bool = False):
-    cmd = [sys.executable, "-m", "launcher.cli", *map(str, args)]
-    p = subprocess.Popen(cmd, cwd=runs_dir.parent, env=_env(runs_dir, env), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    if background:
-        return p
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        pytest.fail(f"ftl {' '.join(map(str, args))} did not finish in {timeout} s\n{out[-3000:]}\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    extra = {"FTL_PREFLIGHT_TIMEOUT": "60", "FTL_STOP_GRACE_S": "30", **(env or {})}
+    return run_ftl(args, cwd=runs_dir.parent, env=ftl_env(runs_dir, extra), timeout=timeout, background=background)
 
 
-def _ok(res) -> None:
-    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
-
-
-def only_run(runs_dir: Path) -> R.Run:
-    runs = R.list_runs(runs_dir)
-    assert len(runs) == 1, [r.id for r in runs]
-    return runs[0]
-
-
-def losses(run: R.Run) -> dict[int, float]:
-    return {m["step"]: m["loss"] for m in R.read_metrics(run.metrics_path) if "loss" in m}
-
-
-def wait_for(cond, timeout: float, what: str, poll: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+_ok = ok
 
 
 def processes_of(run_dir: Path) -> list[tuple[int, str]]:
     """Live processes whose command line mentions the run directory (node processes, trainers)."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (p / "stat").read_text()
-        except OSError:
-            continue
-        if str(run_dir) in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            out.append((int(p.name), cmd))
-    return out
+    return processes_mentioning(str(run_dir))
 
 
 def assert_two_node_world(run: R.Run, node_names: set[str]) -> None:
@@ -390,37 +337,3 @@ def test_ssh_zero3_across_hosts_shards_stops_on_ctrl_c_and_resumes(ssh_profile, 
     assert run.state()["status"] == "completed" and sorted(losses(run)) == list(range(1, 13))
     assert f"checkpoint-{stopped_at}" in (run.dir / "logs" / "node-0.log").read_text().split("resuming from")[-1]
     assert not processes_of(run.dir)
-
-
-def _ssh_clients() -> list[int]:
-    """ftl's ssh client processes: the control masters and the log tails."""
-    out = []
-    for pid, cmd in processes_of(Path("/")):
-        if cmd.startswith("ssh") and ("ftl-ssh-" in cmd or "tail -n" in cmd):
-            out.append(pid)
-    return out
-
-
-def test_ssh_connection_drop_mid_run_reconnects_and_loses_no_log_line(ssh_profile, tmp_path):
-    runs_dir = tmp_path / "runs"
-    p = ftl("launch", SMOKE, "--cluster", ssh_profile, *STEPS, runs_dir=runs_dir, background=True)
-    try:
-        run = wait_for(lambda: (R.list_runs(runs_dir) or [None])[0], 60, "the run directory")
-        wait_for(lambda: (R.last_metrics(run.metrics_path) or {}).get("step", 0) >= 2, 120, "step 2")
-        victims = _ssh_clients()
-        assert victims
-        for pid in victims:  # every connection ftl has to the hosts drops at once
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        out, err = p.communicate(timeout=TIMEOUT_S)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    assert p.returncode == 0, err[-4000:]
-    assert run.state()["status"] == "completed"
-    log = run.log_path.read_text()
-    assert "lost the log stream" in log
-    steps = [line for line in log.splitlines() if line.startswith("[node 0] step ") and " loss " in line]
-    assert [int(s.split()[3].split("/")[0]) for s in steps] == list(range(1, 13))  # each step once, none lost

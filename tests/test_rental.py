@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from launcher import runs as R
+from launchkit import ftl_env, ok, processes_mentioning, run_ftl, ssh_clients, wait_for
 from tests.fake_providers import FakeLambda, FakeRunPod
 from tests.multinode import SSH_TOOLS, SshHosts, _run_script, in_ci, require, start_sshd, stop_sshd
 
@@ -150,12 +151,9 @@ def _profile(tmp_path: Path, provider: str, **extra: Any) -> Path:
 
 
 def _env(tmp_path: Path, fake: Any, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "MASTER_", "SLURM_",
-                                                                   "RUNPOD_", "LAMBDA_", "FTL_"))
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(FTL_NO_GPU_DETECT="1", FTL_RUNS_DIR=str(tmp_path / "runs"), HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", FTL_PREFLIGHT_TIMEOUT="60", FTL_STOP_GRACE_S="30",
-               FTL_CONFIG_DIR=str(tmp_path / "config"), FTL_PROVIDER_POLL_S="0.2", FTL_LAMBDA_LAUNCH_INTERVAL_S="0")
+    env = ftl_env(tmp_path / "runs", drop_prefixes=("RUNPOD_", "LAMBDA_", "FTL_"),
+                  extra=dict(FTL_PREFLIGHT_TIMEOUT="60", FTL_STOP_GRACE_S="30", FTL_CONFIG_DIR=str(tmp_path / "config"),
+                             FTL_PROVIDER_POLL_S="0.2", FTL_LAMBDA_LAUNCH_INTERVAL_S="0"))
     if isinstance(fake, FakeLambda):  # the 'instances' are this machine, where the sshd lets root in (not ubuntu)
         env["FTL_RENTAL_SSH_USER"] = "root"
     if isinstance(fake, FakeRunPod):
@@ -168,32 +166,11 @@ def _env(tmp_path: Path, fake: Any, extra: dict[str, str] | None = None) -> dict
 
 def ftl(tmp_path: Path, fake: Any, *args: Any, env: dict[str, str] | None = None, background: bool = False,
         timeout: float = TIMEOUT_S):
-    cmd = [sys.executable, "-m", "launcher.cli", *map(str, args)]
-    p = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path, fake, env), stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-    if background:
-        return p
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        pytest.fail(f"ftl {' '.join(map(str, args))} did not finish in {timeout} s\n{out[-3000:]}\n{err[-5000:]}")
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    return run_ftl(args, cwd=tmp_path, env=_env(tmp_path, fake, env), timeout=timeout, background=background)
 
 
 def launch(tmp_path: Path, fake: Any, profile: Path, *extra: Any, **kw: Any):
     return ftl(tmp_path, fake, "launch", SMOKE, "--cluster", profile, "--yes", *extra, **kw)
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def only_run(tmp_path: Path) -> R.Run:
@@ -219,19 +196,7 @@ def no_secrets(tmp_path: Path, fake: Any, hosts: Hosts, *outputs: str) -> None:
 
 def node_processes(tmp_path: Path) -> list[int]:
     """Live processes of a run's nodes on the 'instances' (their command lines name the remote run dir)."""
-    needle = str(tmp_path / "remote")
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (p / "stat").read_text()
-        except OSError:
-            continue
-        if needle in cmd and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            out.append(int(p.name))
-    return out
+    return [pid for pid, _ in processes_mentioning(str(tmp_path / "remote"))]
 
 
 def kill_nodes(tmp_path: Path) -> None:
@@ -243,8 +208,7 @@ def kill_nodes(tmp_path: Path) -> None:
             pass
 
 
-def _ok(res) -> None:
-    assert res.returncode == 0, f"rc={res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+_ok = ok
 
 
 def _terminated_all(run: R.Run) -> None:
@@ -400,18 +364,20 @@ def test_ssh_drop_mid_run_reconnects_and_finishes(runpod, hosts, tmp_path):
     p = launch(tmp_path, runpod, _profile(tmp_path, "runpod"), "--set", "train.max_steps=300", background=True)
     try:
         run = _until_training(p, tmp_path)
-        for pid, cmd in _procs():
-            if cmd.startswith("ssh") and ("ftl-ssh-" in cmd or "tail -n" in cmd):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for pid in ssh_clients():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out, err = p.communicate(timeout=240)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, err[-3000:]
-    assert run.state()["status"] == "completed" and "lost the log stream" in run.log_path.read_text()
+    log = run.log_path.read_text()
+    assert run.state()["status"] == "completed" and "lost the log stream" in log
+    steps = [line for line in log.splitlines() if line.startswith("step ") and " loss " in line]
+    assert [int(s.split()[1].split("/")[0]) for s in steps] == list(range(1, 301))  # each once, none lost
     assert (run.dir / "output" / "adapter_config.json").is_file()
     _terminated_all(run)
     no_secrets(tmp_path, runpod, hosts, out, err)
@@ -428,12 +394,11 @@ def test_instance_lost_mid_run_keeps_the_checkpoint_synced_back(runpod, hosts, t
         wait_for(lambda: run.state().get("synced_checkpoint"), 120, "a checkpoint synced back while training")
         for h in hosts.sshd:  # the instance becomes unreachable ...
             (h.dir / "authorized_keys").write_text("")
-        for pid, cmd in _procs():  # ... its connections drop and its processes die
-            if (cmd.startswith("ssh") and ("ftl-ssh-" in cmd or "tail -n" in cmd)) or str(tmp_path / "remote") in cmd:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for pid in ssh_clients() + node_processes(tmp_path):  # ... its connections drop, its processes die
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out, err = p.communicate(timeout=180)
     finally:
         if p.poll() is None:
@@ -446,17 +411,6 @@ def test_instance_lost_mid_run_keeps_the_checkpoint_synced_back(runpod, hosts, t
     _terminated_all(run)
     assert not node_processes(tmp_path)
     no_secrets(tmp_path, runpod, hosts, out, err)
-
-
-def _procs() -> list[tuple[int, str]]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                out.append((int(p.name), (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")))
-            except OSError:
-                pass
-    return out
 
 
 def test_budget_reached_mid_run_checkpoints_fetches_and_terminates(runpod, hosts, tmp_path):
