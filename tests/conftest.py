@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ os.environ.setdefault("FTL_NO_GPU_DETECT", "1")
 for _k in ("RUNPOD_API_KEY", "LAMBDA_API_KEY", "HF_TOKEN"):
     os.environ.pop(_k, None)
 os.environ["FTL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="ftl-test-config.")
+atexit.register(shutil.rmtree, os.environ["FTL_CONFIG_DIR"], True)
 os.environ.setdefault("FTL_RUNPOD_API_URL", "http://127.0.0.1:9")
 os.environ.setdefault("FTL_LAMBDA_API_URL", "http://127.0.0.1:9")
 
