@@ -181,13 +181,33 @@ class RentalBackend(SshBackend):
         self.budget_usd, self.deadline_s = budget_usd, deadline_s
         self._client: Any = None
         self._previous: dict[int, Any] = {}
+        self._interrupted: int | None = None  # a stop signal that came inside a provider call
+        self._in_provider_call = 0
         self._fetch_lock = threading.Lock()  # the periodic sync and the final fetch write the same folders
 
     @property
     def client(self) -> Any:
         if self._client is None:
-            self._client = client(self.provider_name)
+            from launcher.providers import get_provider
+
+            raw = get_provider(self.provider_name, **{"sleep": self._sleep, **provider_options(self.provider_name)})
+            self._client = _Guarded(raw, self)
         return self._client
+
+    def _sleep(self, seconds: float) -> None:
+        """The provider clients' sleep (polls, backoff): a safe point to act on a pending Ctrl-C."""
+        end = time.monotonic() + seconds
+        while True:
+            self._raise_if_interrupted()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.1))
+
+    def _raise_if_interrupted(self) -> None:
+        if self._interrupted is not None:
+            signum, self._interrupted = self._interrupted, None
+            raise KeyboardInterrupt(signal.Signals(signum).name)
 
     # -- messages -----------------------------------------------------------------------------------
     def _note(self, run: Run, msg: str) -> None:
@@ -200,15 +220,21 @@ class RentalBackend(SshBackend):
         with self._out_lock, open(run.log_path, "a") as f:
             f.write(msg + "\n")
 
-    # -- signals: SIGTERM/SIGHUP during provisioning unwind like Ctrl-C (the finally terminates) --------
+    # -- signals: Ctrl-C, SIGTERM, SIGHUP during provisioning unwind (the finally terminates) -------------
     def _trap(self) -> None:
+        """An exception raised by a signal handler in the middle of an HTTP call can leave httpx's connection
+        pool locked, and the teardown's own calls then hang: inside a provider call the signal is only noted,
+        and raised at the next safe point (the client's sleeps, or when the call returns)."""
         if threading.current_thread() is not threading.main_thread():
             return
 
         def interrupt(signum, _frame):
+            if self._in_provider_call:
+                self._interrupted = signum
+                return
             raise KeyboardInterrupt(signal.Signals(signum).name)
 
-        for s in (signal.SIGTERM, signal.SIGHUP):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             self._previous[s] = signal.signal(s, interrupt)
 
     def _untrap(self) -> None:
@@ -574,7 +600,8 @@ class RentalBackend(SshBackend):
         old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)} \
             if threading.current_thread() is threading.main_thread() else {}
         try:
-            gone, errors = terminate_run(run, self._client)
+            self._interrupted = None  # nothing may interrupt the teardown's own calls
+            gone, errors = terminate_run(run, self._client._provider if self._client is not None else None)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -615,6 +642,35 @@ def salvage(run: Run) -> bool:
         time.sleep(1.0)
     b.fetch(run, h.nodes)
     return True
+
+
+class _Guarded:
+    """A provider client whose calls defer stop signals to safe points (see RentalBackend._trap)."""
+
+    def __init__(self, provider: Any, backend: RentalBackend):
+        self._provider, self._backend = provider, backend
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._provider, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            b = self._backend
+            b._in_provider_call += 1
+            try:
+                result = attr(*args, **kwargs)
+            except BaseException:
+                b._in_provider_call -= 1
+                if not b._in_provider_call:
+                    b._raise_if_interrupted()  # a stop that came during the call wins over its error
+                raise
+            b._in_provider_call -= 1
+            if not b._in_provider_call:
+                b._raise_if_interrupted()
+            return result
+
+        return call
 
 
 def _rank_suffix(name: str, run_id: str) -> bool:
