@@ -7,6 +7,8 @@ writes state.json and logs/launch.log, so `ftl runs/status/logs` work from any l
 from __future__ import annotations
 
 import abc
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -68,6 +70,18 @@ def follow_file(path: Path, active: Callable[[], bool], poll_s: float = 0.5) -> 
             time.sleep(poll_s)
 
 
+def say(run: Run, msg: str, lock: Any = None) -> None:
+    """One line of ftl's own to the terminal (stderr) and to the run's logs/launch.log."""
+    try:
+        sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with (lock if lock is not None else contextlib.nullcontext()), open(run.log_path, "a") as f:
+        f.write(msg + "\n")
+
+
 def get_backend(provider: str, echo: bool = True) -> Backend:
     """The backend for cluster.provider; echo: copy the run's output to this terminal."""
     if provider == "local":
@@ -90,4 +104,4 @@ def get_backend(provider: str, echo: bool = True) -> Backend:
                    "use the local provider (--cluster cluster/local.yaml), or estimate with `ftl estimate`")
 
 
-__all__ = ["Backend", "follow_file", "get_backend"]
+__all__ = ["Backend", "follow_file", "get_backend", "say"]

@@ -32,7 +32,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -42,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from launcher.backends import say
 from launcher.backends.ssh import Node, SshBackend, SshHandle, remote_dir, run_ssh, ssh_argv
 from launcher.errors import FtlError
 from launcher.runs import ACTIVE, Run, pid_alive, utcnow, write_atomic
@@ -211,14 +211,7 @@ class RentalBackend(SshBackend):
 
     # -- messages -----------------------------------------------------------------------------------
     def _note(self, run: Run, msg: str) -> None:
-        try:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        run.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self._out_lock, open(run.log_path, "a") as f:
-            f.write(msg + "\n")
+        say(run, msg, self._out_lock)
 
     # -- signals: Ctrl-C, SIGTERM, SIGHUP during provisioning unwind (the finally terminates) -------------
     def _trap(self) -> None:

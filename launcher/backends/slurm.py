@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from launcher.backends import Backend, follow_file
+from launcher.backends import Backend, follow_file, say
 from launcher.errors import FtlError
 from launcher.weights import prefetch
 from launcher.runs import ACTIVE, Run, utcnow
@@ -238,10 +238,7 @@ class SlurmBackend(Backend):
         return follow_file(path, (lambda: self.status(run)["status"] in ACTIVE) if follow else (lambda: False))
 
     def _say(self, run: Run, msg: str) -> None:
-        sys.stderr.write(msg + "\n")
-        sys.stderr.flush()
-        with open(run.log_path, "a") as f:
-            f.write(msg + "\n")
+        say(run, msg)
 
 
 def _exit_code(info: dict[str, str]) -> int | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from launcher.backends import Backend
+from launcher.backends import Backend, say
 from launcher.errors import FtlError
 from launcher.node import EXIT_INTERRUPTED, SECRETS_VAR, preflight_errors
 from launcher.runs import ACTIVE, Run, pid_alive, utcnow
@@ -436,13 +436,7 @@ class SshBackend(Backend):
             _kill_tree(p)
 
     def _say(self, h: SshHandle, msg: str) -> None:
-        try:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-        with self._out_lock, open(h.run.log_path, "a") as f:
-            f.write(msg + "\n")
+        say(h.run, msg, self._out_lock)
 
 
 class LogFollower:
