@@ -27,7 +27,7 @@ import live_bytes as lb  # noqa: E402
 from launcher.estimate.activations import activation_bytes, dropout_from_config  # noqa: E402
 from launcher.estimate.arch import arch_from_config  # noqa: E402
 from launcher.estimate.params import plan_params  # noqa: E402
-from launcher.recipe import recipe_from_dict  # noqa: E402
+from launcher.spec.recipe import recipe_from_dict  # noqa: E402
 
 # (family, method, precision, attn, checkpointing, lora dropout, micro batch, config overrides)
 CASES = [

@@ -1,4 +1,4 @@
-"""Check launcher/catalog/models.yaml against the published parameter counts.
+"""Check launcher/spec/catalog/models.yaml against the published parameter counts.
 
 Builds every catalog entry with transformers on the meta device (no weights, no download) and
 prints a table of sum(numel) over model.parameters() (tied weights counted once) next to the

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
 
-    from launcher.catalog import models
+    from launcher.spec.catalog import models
 
     entry = models()[args.model]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FTL_NO_GPU_DETECT": "1"}

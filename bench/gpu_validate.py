@@ -91,9 +91,9 @@ def main() -> None:
 
     import torch
 
-    from launcher.catalog import resolve_model
+    from launcher.spec.catalog import resolve_model
     from launcher.estimate.estimator import estimate
-    from launcher.recipe import load_recipe
+    from launcher.spec.recipe import load_recipe
 
     gpu_name = torch.cuda.get_device_name(0)
     recipe = load_recipe(args.recipe, sets=args.sets + [f"cluster.gpu={gpu_name}", "cluster.gpus_per_node=1", "cluster.nodes=1"])

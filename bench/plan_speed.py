@@ -20,9 +20,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--allow-method", action="append", default=[])
     args = ap.parse_args()
-    from launcher.errors import FtlError
-    from launcher.plan import load_profiles, plan
-    from launcher.recipe import load_recipe
+    from launcher.core.errors import FtlError
+    from launcher.estimate.search import plan
+    from launcher.spec.recipe import load_profiles, load_recipe
 
     profiles, paths = load_profiles()
     print(f"{'recipe':32} {'candidates':>10} {'fit':>6} {'best of ' + str(args.repeat):>10}  chosen")

@@ -1,5 +1,6 @@
 """What a launch consists of, rendered from (recipe, plan, device): the Accelerate config, the DeepSpeed
-JSON, FSDP2 settings and the command line with its environment. Pure functions (no torch, no
+JSON, FSDP2 settings, the command lines of the trainer and of the node agent, with their environment and
+the secrets kept out of every file. Pure functions (no torch, no
 processes, no files written): `ftl launch --dry-run` prints exactly these, and a real launch writes them
 into the run directory.
 
@@ -20,16 +21,21 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
+import sys
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+from launcher.core.procs import free_port
+from launcher.estimate.states import ds_persistence_threshold, ds_prefetch_bucket, ds_reduce_bucket
+from launcher.spec.recipe import STRATEGIES, dump_recipe
+
 DEEPSPEED_STAGE = {"zero1": 1, "zero2": 2, "zero3": 3}
-TRAIN_MODULE = "launcher.train"
+TRAIN_MODULE = "launcher.train"  # what every training process runs (python -m)
+AGENT_MODULE = "launcher.agent"  # what every node of a SLURM/SSH/rented launch runs (python -m)
 
 # Inherited variables that would bend the child's world (left over from an outer launch); they are
 # removed from the environment the run starts with, and command.sh says so.
@@ -98,8 +104,6 @@ def deepspeed_config(
     `offload`: "optimizer" moves the optimizer step to the host; "params" also the ZeRO-3 parameter
     shard (ZeRO-1/2 cannot offload parameters, so there it means the optimizer only).
     """
-    from launcher.estimate.states import ds_persistence_threshold, ds_prefetch_bucket, ds_reduce_bucket
-
     if stage not in (1, 2, 3):
         raise ValueError(f"ZeRO stage must be 1, 2 or 3, not {stage!r}")
     zero: dict[str, Any] = {
@@ -263,13 +267,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (bind to port 0 and read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def launch_spec(
     plan: Plan,
     run_dir: str | Path,
@@ -336,3 +333,74 @@ def launch_spec(
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     unset = sorted(k for k in os.environ if stale_env_name(k) and k not in env)
     return LaunchSpec(argv=argv, env=env, unset=unset, cwd=cwd, redacted=redacted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets and the launch lines of a run
+
+
+def redacted_recipe(recipe: Any) -> dict[str, Any]:
+    """dump_recipe(recipe) with secret-named cluster.env values replaced (never written to disk)."""
+    d = dump_recipe(recipe)
+    env = (d.get("cluster") or {}).get("env") or {}
+    for k in env:
+        if is_secret_name(k):
+            env[k] = "<redacted>"
+    return d
+
+
+def _secrets(recipe: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """(plain env, secret env) from the cluster profile's env; redacted secrets come from os.environ."""
+    plain, secret = {}, {}
+    for k, v in (recipe.cluster.env or {}).items():
+        if is_secret_name(k):
+            if v == "<redacted>":
+                if k in os.environ:
+                    secret[k] = os.environ[k]
+            else:
+                secret[k] = str(v)
+        else:
+            plain[k] = str(v)
+    return plain, secret
+
+
+def _plain_env(recipe: Any) -> tuple[dict[str, str], dict[str, str]]:
+    plain, secret = _secrets(recipe)
+    pythonpath = _pythonpath()
+    if pythonpath:
+        plain = {"PYTHONPATH": pythonpath, **plain}
+    return plain, secret
+
+
+def train_spec(recipe: Any, plan: Any, run_dir: str | Path, *, python: str | None = None, port: int | None = None,
+               resume_from: str | Path | None = None, cwd: str | None = None, machine_rank: int = 0,
+               main_addr: str | None = None) -> tuple[Any, dict[str, str]]:
+    """(the accelerate launch line of one node, the secret env it needs but never records)."""
+    plain, secret = _plain_env(recipe)
+    needs_port = plan.world_size > 1 or plan.strategy != "ddp"
+    spec = launch_spec(plan, run_dir, recipe.train.precision, python=python or sys.executable,
+                       port=(port or free_port()) if needs_port else None, resume_from=resume_from,
+                       extra_env=plain, cwd=cwd or os.getcwd(), machine_rank=machine_rank, main_addr=main_addr)
+    spec.redacted = sorted(set(spec.redacted) | set(secret))
+    return spec, secret
+
+
+def node_spec(recipe: Any, run_dir: str | Path, *, python: str | None = None, cwd: str | None = None) -> tuple[Any, dict[str, str]]:
+    """What each node of a SLURM/SSH launch runs: `python -m launcher.agent --run-dir RUN_DIR` (launcher.agent)."""
+    plain, secret = _plain_env(recipe)
+    plain.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = LaunchSpec(argv=[python or sys.executable, "-m", AGENT_MODULE, "--run-dir", str(run_dir)], env=plain,
+                      unset=sorted(k for k in os.environ if stale_env_name(k) and k not in plain),
+                      cwd=cwd or os.getcwd(), redacted=sorted(secret))
+    return spec, secret
+
+
+def _pythonpath() -> str | None:
+    """PYTHONPATH for the ranks when ftl runs from a source tree that is not installed (else None)."""
+    try:
+        metadata.distribution("ftl")
+        return None
+    except metadata.PackageNotFoundError:
+        src = str(Path(__file__).resolve().parent.parent)
+        rest = os.environ.get("PYTHONPATH")
+        return src + (os.pathsep + rest if rest else "")

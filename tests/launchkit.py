@@ -84,7 +84,7 @@ def ssh_clients() -> list[int]:
 
 
 def only_run(runs_dir: Path):
-    from launcher import runs as R
+    from launcher import rundir as R
 
     runs = R.list_runs(runs_dir)
     assert len(runs) == 1, [r.id for r in runs]
@@ -93,6 +93,6 @@ def only_run(runs_dir: Path):
 
 def losses(run: Any) -> dict[int, float]:
     """step -> training loss from a run's metrics.jsonl (the last value of a step wins)."""
-    from launcher import runs as R
+    from launcher import rundir as R
 
     return {m["step"]: m["loss"] for m in R.read_metrics(run.metrics_path) if "loss" in m}

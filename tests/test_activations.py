@@ -37,7 +37,7 @@ from launcher.estimate.activations import (  # noqa: E402
 )
 from launcher.estimate.arch import arch_from_config  # noqa: E402
 from launcher.estimate.params import plan_params  # noqa: E402
-from launcher.recipe import recipe_from_dict  # noqa: E402
+from launcher.spec.recipe import recipe_from_dict  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from launcher.catalog import models
+from launcher.spec.catalog import models
 from launcher.estimate.arch import ArchError, arch_from_config
 from tests.conftest import TINY, tiny_config
 

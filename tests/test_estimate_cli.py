@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.estimate.estimator import estimate
-from launcher.recipe import load_recipe, recipe_from_dict
+from launcher.estimate.search import estimate
+from launcher.spec.recipe import load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -106,7 +106,7 @@ def test_local_data_is_counted_with_the_local_tokenizer(tmp_path, model_dir):
     data.write_text("\n".join(json.dumps({"instruction": "hello world", "output": "hello"}) for _ in range(10)))
     r = recipe_from_dict({"name": "t", "model": str(d), "data": {"path": str(data), "validation_fraction": 0}})
     e = estimate(r)
-    from launcher.train.prompts import alpaca_prompt
+    from launcher.spec.prompts import alpaca_prompt
 
     per_example = len(tok.encode(alpaca_prompt({"instruction": "hello world", "input": ""}, None) + "hello").ids)
     assert (e.data.examples, e.data.tokens) == (10, 10 * per_example) and "tokenizer.json" in e.data.source

@@ -27,7 +27,7 @@ import torch.utils.flop_counter as fcm  # noqa: E402
 from launcher.estimate.arch import arch_from_config  # noqa: E402
 from launcher.estimate.flops import StepFlops, flops_per_sequence, flops_per_step  # noqa: E402
 from launcher.estimate.params import plan_params  # noqa: E402
-from launcher.recipe import recipe_from_dict  # noqa: E402
+from launcher.spec.recipe import recipe_from_dict  # noqa: E402
 
 SEQ = 128
 BATCH = 2

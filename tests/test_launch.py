@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import runs as R
+from launcher import rundir as R
+from launcher.core import files as F
+from launcher.core import procs as P
 from launcher.backends.local import LocalBackend, LogTee
 from launcher.render import LaunchSpec
 from launchkit import ftl_env, losses, ok, only_run, run_ftl
@@ -69,7 +71,7 @@ def _spec(code: str, tmp_path: Path) -> LaunchSpec:
 
 def _new_run(tmp_path: Path) -> R.Run:
     run = R.create_run_dir("backend", tmp_path / "runs")
-    R.write_json(run.state_path, R.initial_state(run, "backend"))
+    F.write_json(run.state_path, R.initial_state(run, "backend"))
     return run
 
 
@@ -102,7 +104,7 @@ def test_completed_waits_for_the_whole_process_group(tmp_path):
     assert b.wait(h) == "completed"
     log = run.log_path.read_text()
     assert "launcher done" in log and "late rank" in log
-    assert not R.group_alive(run.state()["pgid"])
+    assert not P.group_alive(run.state()["pgid"])
 
 
 def test_sigterm_is_forwarded_to_every_process(tmp_path):
@@ -233,11 +235,11 @@ EXPECTED_TYPE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED",
 
 
 def _expected_states(run: R.Run, strategy: str):
-    from launcher.catalog import resolve_model
+    from launcher.spec.catalog import resolve_model
     from launcher.estimate.estimator import build_arch
     from launcher.estimate.params import plan_params
     from launcher.estimate.states import state_bytes
-    from launcher.recipe import recipe_from_dict
+    from launcher.spec.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(yaml.safe_load(run.recipe_path.read_text()), run.recipe_path)
     arch = build_arch(recipe, resolve_model(recipe.model))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import runs as R
+from launcher import rundir as R
 from launchkit import ftl_env, losses, ok, only_run, processes_mentioning, run_ftl, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +194,7 @@ def test_exported_sbatch_runs_to_completion_with_hostile_names(slurm_cluster, sl
     run = only_run(runs_dir)
     assert run.state()["status"] == "created" and run.state()["recipe"] == name
     text = script.read_text()
-    assert "#SBATCH --nodes=2" in text and "launcher.node" in text
+    assert "#SBATCH --nodes=2" in text and "launcher.agent" in text
     subprocess.run(["bash", "-n", str(script)], check=True)
     out = slurm_cluster.run("sbatch", "--parsable", str(script), timeout=60).strip()
     job = out.split(";")[0]
@@ -298,11 +298,11 @@ def test_ssh_zero3_across_hosts_shards_stops_on_ctrl_c_and_resumes(ssh_profile, 
     """ZeRO-3 over two hosts (torchrun on each, not DeepSpeed's pdsh launcher): each rank holds what the
     estimator says for world size 2 on 2 nodes × 1; Ctrl-C stops every node with a checkpoint and leaves
     no process; `ftl launch --resume` continues over SSH to the last step."""
-    from launcher.catalog import resolve_model
+    from launcher.spec.catalog import resolve_model
     from launcher.estimate.estimator import build_arch
     from launcher.estimate.params import plan_params
     from launcher.estimate.states import state_bytes
-    from launcher.recipe import recipe_from_dict
+    from launcher.spec.recipe import recipe_from_dict
 
     runs_dir = tmp_path / "runs"
     p = ftl("launch", SMOKE, "--cluster", ssh_profile, "--set", "parallel.strategy=zero3", "--set", "method=full",

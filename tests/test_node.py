@@ -1,4 +1,4 @@
-"""launcher.node's pieces without a cluster: the pre-flight rendezvous over real loopback sockets, the
+"""launcher.agent.node's pieces without a cluster: the pre-flight rendezvous over real loopback sockets, the
 comparison of node facts, and the SLURM helpers (time limits, ports, sbatch options and scripts)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from launcher.backends.slurm import export_sbatch, sbatch_params, slurm_minutes
-from launcher.node import Place, PreflightError, compare, meet, own_problems, slurm_port
-from launcher.recipe import load_recipe
+from launcher.agent.node import Place, PreflightError, compare, meet, own_problems, slurm_port
+from launcher.spec.recipe import load_recipe
 from launcher.render import Plan, free_port
-from launcher.runs import Run
+from launcher.rundir import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -144,7 +144,7 @@ def test_exported_script_quotes_everything(tmp_path):
 
 @pytest.mark.parametrize("provider,fields,shows", [
     ("slurm", {"partition": "debug", "nodes": 2}, ["#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --signal=USR2@90",
-                                                  "submitit.core._submit", "-m launcher.node --run-dir"]),
+                                                  "submitit.core._submit", "-m launcher.agent --run-dir"]),
     ("ssh", {"nodes": 2, "hosts": [{"host": "10.1.0.1", "user": "ubuntu"}, {"host": "10.1.0.2", "user": "ubuntu"}]},
      ["ssh -p 22 ubuntu@10.1.0.1", "--machine-rank 1", "--main-addr 10.1.0.1"]),
     ("runpod", {"gpu": "a100-80gb", "price_per_gpu_hour": 1.89}, ["would rent", "ftl-smoke-", "at $1.89/GPU-hour"]),

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from launcher.estimate.arch import arch_from_config
 from launcher.estimate.params import plan_params
-from launcher.recipe import recipe_from_dict
+from launcher.spec.recipe import recipe_from_dict
 from tests.conftest import tiny_config
 
 CASES = [

@@ -13,13 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher.catalog import resolve_model
-from launcher.errors import FtlError
-from launcher.estimate.estimator import build_arch, estimate, estimate_arch
-from launcher.plan import (
-    PLOT_SIZE_PX, _key, choose_strategy, load_profiles, parse_duration, plan, setup_seconds, total_cost, write_plot,
-)
-from launcher.recipe import Cluster, load_recipe, recipe_from_dict
+from launcher.spec.catalog import resolve_model
+from launcher.core.errors import FtlError
+from launcher.estimate.estimator import build_arch, estimate_arch
+from launcher.cli.views import PLOT_SIZE_PX, write_plot
+from launcher.core.durations import parse_duration
+from launcher.estimate.compute import total_cost
+from launcher.estimate.search import _key, choose_strategy, estimate, plan, setup_seconds
+from launcher.spec.recipe import Cluster, load_profiles, load_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 R8 = ROOT / "recipes" / "llama3-8b-qlora.yaml"
@@ -66,7 +67,7 @@ def test_sharded_memory_never_grows_with_more_gpus(model, method, micro, ckpt, s
     for gpn, nodes in ((1, 1), (2, 1), (4, 1), (8, 1), (8, 2), (8, 4)):
         r = _recipe(model, method, micro=micro, ckpt=ckpt, gpu="h100-sxm", gpn=gpn, nodes=nodes, strategy=strategy)
         spec, arch = _spec_arch(r)
-        peak = estimate_arch(r, spec, arch, strategy=strategy, suggest=False).memory.peak
+        peak = estimate_arch(r, spec, arch, strategy=strategy).memory.peak
         assert prev is None or peak <= prev, (gpn, nodes, peak, prev)
         prev = peak
 
@@ -82,8 +83,8 @@ def test_qlora_never_needs_more_memory_than_lora(model, micro, ckpt, strategy, g
     lo = _recipe(model, "lora", micro=micro, ckpt=ckpt, seq=seq, gpu="h100-sxm", gpn=gpn, nodes=nodes, strategy=strategy)
     ql = _recipe(model, "qlora", micro=micro, ckpt=ckpt, seq=seq, gpu="h100-sxm", gpn=gpn, nodes=nodes, strategy=strategy)
     spec, arch = _spec_arch(lo)
-    assert (estimate_arch(ql, spec, arch, strategy=strategy, suggest=False).memory.peak
-            <= estimate_arch(lo, spec, arch, strategy=strategy, suggest=False).memory.peak)
+    assert (estimate_arch(ql, spec, arch, strategy=strategy).memory.peak
+            <= estimate_arch(lo, spec, arch, strategy=strategy).memory.peak)
 
 
 @pytest.mark.parametrize("model,ckpt,strategy,gpn,seq", [("llama-3.2-1b", False, "ddp", 1, 512),
@@ -100,7 +101,7 @@ def test_qlora_vs_lora_former_counterexamples(model, ckpt, strategy, gpn, seq):
     # as the trainer sets it there, ZeRO-3 and FSDP2 shard the NF4 weights exactly in half per rank.
     lo = _recipe(model, "lora", micro=1, ckpt=ckpt, seq=seq, gpu="h100-sxm", gpn=gpn, strategy=strategy)
     ql = _recipe(model, "qlora", micro=1, ckpt=ckpt, seq=seq, gpu="h100-sxm", gpn=gpn, strategy=strategy)
-    assert estimate(ql, strategy=strategy, suggest=False).memory.peak <= estimate(lo, strategy=strategy, suggest=False).memory.peak
+    assert estimate(ql, strategy=strategy).memory.peak <= estimate(lo, strategy=strategy).memory.peak
 
 
 def _clusters(draw_gpus, prices, provider, gpn, nodes):
@@ -180,7 +181,7 @@ def test_candidates_match_a_plain_estimate():
         sets = [f"parallel.strategy={c.strategy}", f"parallel.offload={c.offload}", f"train.micro_batch_size={c.micro_batch_size}",
                 f"train.grad_accum={c.grad_accum}", f"train.gradient_checkpointing={str(c.gradient_checkpointing).lower()}",
                 f"method={c.method}"]
-        e = estimate(load_recipe(R70, sets=sets, cluster=c.profile_path, nodes=c.nodes, gpus_per_node=c.gpus_per_node), suggest=False)
+        e = estimate(load_recipe(R70, sets=sets, cluster=c.profile_path, nodes=c.nodes, gpus_per_node=c.gpus_per_node))
         assert e.memory.peak == c.peak_bytes
         assert e.total_time_s == c.train_time_s
         assert c.total_time_s == c.train_time_s + c.setup_s

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher import prices as P
-from launcher.catalog import gpus
+from launcher.cloud import prices as P
+from launcher.spec.catalog import gpus
 
 ROOT = Path(__file__).resolve().parent.parent
 RP_KEY = "rpa_SECRET_runpod_key_1234567890"

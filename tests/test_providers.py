@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from fake_providers import LAMBDA_KEY, RUNPOD_KEY, FakeRunPod, fake_lambda, fake_runpod  # noqa: F401 (fixtures)
-from launcher.providers import AuthError, NoCapacity, Offer, ProviderError, ProviderTimeout, get_provider
-from launcher.providers.http import JsonClient
+from launcher.cloud import AuthError, NoCapacity, Offer, ProviderError, ProviderTimeout, get_provider
+from launcher.cloud.http import JsonClient
 
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake ftl@test"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.errors import RecipeError
-from launcher.recipe import load_recipe
+from launcher.core.errors import RecipeError
+from launcher.spec.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ def test_shipped_recipes_validate(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "cluster").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_profiles_validate(path):
-    from launcher.recipe import load_cluster
+    from launcher.spec.recipe import load_cluster
 
     c = load_cluster(path)
     if c.provider in ("runpod", "lambda"):
@@ -114,7 +114,7 @@ def test_missing_profile_and_bad_set(recipe_file):
 
 
 def test_unknown_model_suggests_catalog_name(tmp_path):
-    from launcher.catalog import UnknownModel, resolve_model
+    from launcher.spec.catalog import UnknownModel, resolve_model
 
     with pytest.raises(UnknownModel, match="Did you mean 'llama-3.1-8b'"):
         resolve_model("llama-3.1-8")
@@ -125,7 +125,7 @@ def test_unknown_model_suggests_catalog_name(tmp_path):
 
 
 def test_model_resolution_orders(model_dir, tmp_path):
-    from launcher.catalog import config_cache_dir, resolve_model
+    from launcher.spec.catalog import config_cache_dir, resolve_model
 
     assert resolve_model("meta-llama/Llama-3.1-8B").origin == "catalog"
     assert resolve_model("LLAMA-3.1-8B").name == "llama-3.1-8b"

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import pytest
 import yaml
 
-from launcher import runs as R
+from launcher import rundir as R
+from launcher.core import files as F
 from launchkit import ftl_env, ok, processes_mentioning, run_ftl, ssh_clients, wait_for
 from tests.fake_providers import FakeLambda, FakeRunPod
 from tests.multinode import SSH_TOOLS, SshHosts, _run_script, in_ci, require, start_sshd, stop_sshd
@@ -240,12 +241,12 @@ def test_runpod_single_node_with_500_and_429_trains_fetches_and_terminates(runpo
     _terminated_all(run)
     assert "terminated 1 instance(s)" in res.stderr
     # ftl report: what the provider bills, price x time from the create to the termination
-    from launcher.backends.rental import spend
-    from launcher.report import report
+    from launcher.rundir.cost import spend
+    from launcher.rundir.cost import report
 
     cost = report(run)["actual"]
     assert cost["cost_from"].startswith("rented instances") and cost["cost_usd"] == pytest.approx(spend(inst), abs=1e-6)
-    t0, t1 = (R.dt.datetime.fromisoformat(inst[0][k].replace("Z", "+00:00")).timestamp() for k in ("created_at", "terminated_at"))
+    t0, t1 = (F.dt.datetime.fromisoformat(inst[0][k].replace("Z", "+00:00")).timestamp() for k in ("created_at", "terminated_at"))
     assert cost["cost_usd"] == pytest.approx(inst[0]["price_per_hour"] * (t1 - t0) / 3600, abs=1e-6) and cost["cost_usd"] > 0
     no_secrets(tmp_path, runpod, hosts, res.stdout, res.stderr)
 
@@ -478,7 +479,7 @@ def test_launch_shows_cost_and_asks_before_renting(tmp_path):
 
 
 def test_spend_is_price_times_time_since_creation():
-    from launcher.backends.rental import spend
+    from launcher.rundir.cost import spend
 
     rows = [{"price_per_hour": 3.6, "created_at": "2026-01-01T00:00:00Z", "terminated_at": "2026-01-01T00:10:00Z"},
             {"price_per_hour": 1.0, "created_at": "2026-01-01T00:00:00Z", "terminated_at": None}]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher import runs as R
-from launcher.report import build_cost, report, write_cost
+from launcher import rundir as R
+from launcher.core import files as F
+from launcher.rundir.cost import build_cost, report, write_cost
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -35,16 +36,16 @@ def _fake_run(tmp_path: Path, device="cuda", world=8, price=2.5, peak_in=None, m
     est = {"world_size": world, "steps": 100, "step_time_s": 2.0, "total_time_s": 200.0,
            "cost_usd": 200.0 / 3600 * world * price, "price_per_gpu_hour": price,
            "per_device": {"peak_bytes": 40 * 1024**3}, "gpu": {"key": "h100-sxm"}}
-    R.write_json(run.plan_path, {"strategy": "zero3", "world_size": world, "device": device, "estimate": est})
+    F.write_json(run.plan_path, {"strategy": "zero3", "world_size": world, "device": device, "estimate": est})
     run.recipe_path.write_text(yaml.safe_dump({"name": "x", "cluster": {"price_per_gpu_hour": price,
                                                                        "price_source": "test rate"}}))
-    R.write_json(run.state_path, {"run_id": run.id, "status": "completed", "started": "2026-01-01T00:00:00+00:00",
+    F.write_json(run.state_path, {"run_id": run.id, "status": "completed", "started": "2026-01-01T00:00:00+00:00",
                                   "ended": "2026-01-01T00:05:00+00:00"})
     if metrics:
         lines = [{"time": 1000.0 + 2.5 * s, "step": s, "loss": 1.0 / s} for s in range(1, 101)]
         lines.append({"time": 1300.0, "step": 100, "train_runtime": 250.0, "train_loss": 0.1})
         run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in lines))
-    R.write_json(run.result_path, {"status": "completed", "global_step": 100, "train_runtime_s": 250.0,
+    F.write_json(run.result_path, {"status": "completed", "global_step": 100, "train_runtime_s": 250.0,
                                    **({"peak_memory_bytes": peak_in} if peak_in else {})})
     return run
 
@@ -75,7 +76,7 @@ def test_cost_on_cpu_has_no_gpu_hours_and_null_peak(tmp_path):
 
 def test_step_time_from_timestamps_and_peak_from_shards(tmp_path):
     run = _fake_run(tmp_path, metrics=False)
-    R.write_json(run.result_path, {"status": "completed", "global_step": 4})
+    F.write_json(run.result_path, {"status": "completed", "global_step": 4})
     run.metrics_path.write_text("".join(json.dumps({"time": 10.0 + 3 * s, "step": s, "loss": 1.0}) + "\n" for s in range(1, 5)))
     (run.dir / "shards").mkdir()
     for k, peak in enumerate((5, 7)):

@@ -14,10 +14,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from launcher import runs as R
+from launcher import launch as L
+from launcher import rundir as R
+from launcher.core import files as F
 from launcher.cli import app
-from launcher.errors import FtlError
-from launcher.recipe import recipe_from_dict
+from launcher.core.errors import FtlError
+from launcher.spec.recipe import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -78,37 +80,37 @@ def test_runs_root_env(tmp_path, monkeypatch):
 
 def test_write_atomic_replaces_whole_and_leaves_no_temp(tmp_path):
     f = tmp_path / "state.json"
-    R.write_json(f, {"status": "created"})
-    R.write_json(f, {"status": "running", "pid": 7})
+    F.write_json(f, {"status": "created"})
+    F.write_json(f, {"status": "running", "pid": 7})
     assert json.loads(f.read_text()) == {"status": "running", "pid": 7}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 def test_write_atomic_failure_keeps_old_content(tmp_path, monkeypatch):
     f = tmp_path / "state.json"
-    R.write_json(f, {"status": "created"})
+    F.write_json(f, {"status": "created"})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(R.os, "replace", boom)
+    monkeypatch.setattr(F.os, "replace", boom)
     with pytest.raises(OSError):
-        R.write_json(f, {"status": "running"})
+        F.write_json(f, {"status": "running"})
     assert json.loads(f.read_text()) == {"status": "created"}
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # the temp file was removed
 
 
 def test_state_update_and_effective_status(tmp_path):
     run = R.create_run_dir("s", tmp_path, NOW)
-    R.write_json(run.state_path, R.initial_state(run, "s"))
+    F.write_json(run.state_path, R.initial_state(run, "s"))
     st = run.update_state(status="running", pid=999_999_999, pgid=999_999_999, launcher_pid=999_999_999)
     assert st["run_id"] == run.id and st["resumed_from"] == [] and st["status"] == "running"
     # the launcher and its processes are gone: the run is failed, and state.json says so
-    assert R.effective_status(run) == "failed"
+    assert L.run_status(run) == "failed"
     st = run.state()
     assert st["status"] == "failed" and st["ended"] and "launcher" in st["error"]
     run.update_state(status="running", launcher_pid=os.getpid())
-    assert R.effective_status(run) == "running"
+    assert L.run_status(run) == "running"
 
 
 def test_effective_status_trusts_the_trainers_result(tmp_path):
@@ -116,20 +118,20 @@ def test_effective_status_trusts_the_trainers_result(tmp_path):
     import time
 
     run = R.create_run_dir("s", tmp_path, NOW)
-    R.write_json(run.state_path, {**R.initial_state(run, "s"), "status": "running", "started": R.utcnow(),
+    F.write_json(run.state_path, {**R.initial_state(run, "s"), "status": "running", "started": F.utcnow(),
                                   "launcher_pid": 999_999_999, "pgid": 999_999_999})
-    R.write_json(run.result_path, {"status": "completed", "finished_at": time.time() + 1})
-    assert R.effective_status(run) == "completed" and run.state()["error"] is None
+    F.write_json(run.result_path, {"status": "completed", "finished_at": time.time() + 1})
+    assert L.run_status(run) == "completed" and run.state()["error"] is None
     run.update_state(status="running")
-    R.write_json(run.result_path, {"status": "interrupted", "finished_at": time.time() + 1})
-    assert R.effective_status(run) == "stopped"
+    F.write_json(run.result_path, {"status": "interrupted", "finished_at": time.time() + 1})
+    assert L.run_status(run) == "stopped"
 
 
 def test_read_json_names_a_broken_file(tmp_path):
     f = tmp_path / "state.json"
     f.write_text("{not json")
     with pytest.raises(FtlError, match="not valid JSON"):
-        R.read_json(f)
+        F.read_json(f)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -179,7 +181,7 @@ def test_find_run(tmp_path, monkeypatch):
     a = R.create_run_dir("alpha", root, NOW)
     b = R.create_run_dir("beta", root, NOW)
     for r in (a, b):
-        R.write_json(r.state_path, R.initial_state(r, r.id))
+        F.write_json(r.state_path, R.initial_state(r, r.id))
     assert R.find_run(a.id).dir == a.dir
     assert R.find_run(f"runs/{a.id}").dir == a.dir
     assert R.find_run(str(a.dir)).dir == a.dir
@@ -189,7 +191,7 @@ def test_find_run(tmp_path, monkeypatch):
         R.find_run("gamma")
     R.create_run_dir("alpha", root, NOW)  # alpha-...-2 (no state: not a run yet)
     c = R.create_run_dir("alpha", root, NOW)
-    R.write_json(c.state_path, R.initial_state(c, c.id))
+    F.write_json(c.state_path, R.initial_state(c, c.id))
     with pytest.raises(FtlError, match="ambiguous"):
         R.find_run("alp")
 
@@ -213,8 +215,8 @@ def _recipe(tmp_path, **over):
 @needs_smoke
 def test_prepare_writes_nothing_and_resolves_auto(tmp_path):
     r = _recipe(tmp_path, **{"parallel.strategy": "auto", "cluster.gpus_per_node": 2})
-    p = R.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
-    R.render_files(p, python="/py", port=12345, cwd=str(tmp_path))
+    p = L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
+    L.render_files(p, python="/py", port=12345, cwd=str(tmp_path))
     assert not (tmp_path / "runs").exists()
     assert p.plan.strategy == p.recipe.parallel.strategy == "ddp" and p.plan.device == "cpu" and p.plan.world_size == 2
     assert r.parallel.strategy == "auto"  # the caller's recipe is not changed
@@ -228,9 +230,9 @@ def test_prepare_writes_nothing_and_resolves_auto(tmp_path):
 @needs_smoke
 def test_write_run_layout(tmp_path):
     r = _recipe(tmp_path, **{"parallel.strategy": "zero3", "cluster.gpus_per_node": 2, "train.precision": "bf16"})
-    p = R.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
-    R.render_files(p, python="/py", port=12345)
-    run = R.write_run(p)
+    p = L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
+    L.render_files(p, python="/py", port=12345)
+    run = L.write_run(p)
     names = sorted(x.name for x in run.dir.iterdir())
     assert names == ["accelerate.yaml", "command.sh", "deepspeed.json", "logs", "plan.json", "recipe.yaml", "state.json"]
     plan = json.loads(run.plan_path.read_text())
@@ -248,9 +250,9 @@ def test_write_run_layout(tmp_path):
 @needs_smoke
 def test_secrets_never_written(tmp_path):
     r = _recipe(tmp_path, **{"cluster.env": {"HF_TOKEN": "hf_topsecret", "WANDB_PROJECT": "demo"}})
-    p = R.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
-    R.render_files(p, python="/py")
-    run = R.write_run(p)
+    p = L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
+    L.render_files(p, python="/py")
+    run = L.write_run(p)
     for f in run.dir.rglob("*"):
         if f.is_file():
             assert "hf_topsecret" not in f.read_text(), f
@@ -268,24 +270,24 @@ def test_secrets_never_written(tmp_path):
 ])
 def test_refusals(tmp_path, over, match):
     with pytest.raises(FtlError, match=match):
-        R.prepare_launch(_recipe(tmp_path, **over), root=tmp_path / "runs", gpu_count=0)
+        L.prepare_launch(_recipe(tmp_path, **over), root=tmp_path / "runs", gpu_count=0)
     assert not (tmp_path / "runs").exists()
 
 
 @needs_smoke
 def test_more_gpus_than_present(tmp_path):
     with pytest.raises(FtlError, match="has 1 GPU"):
-        R.prepare_launch(_recipe(tmp_path, **{"cluster.gpus_per_node": 4}), root=tmp_path / "runs", gpu_count=1)
+        L.prepare_launch(_recipe(tmp_path, **{"cluster.gpus_per_node": 4}), root=tmp_path / "runs", gpu_count=1)
 
 
 @needs_smoke
 def test_does_not_fit_names_shortfall_and_fixes(tmp_path):
     r = _recipe(tmp_path, **{"cluster.gpu": "l4", "train.micro_batch_size": 512, "data.max_seq_len": 512, "method": "full"})
     with pytest.raises(FtlError) as e:
-        R.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
+        L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
     msg = str(e.value)
     assert "does not fit" in msg and "short by" in msg and "--set " in msg and "--force" in msg
-    p = R.prepare_launch(r, root=tmp_path / "runs", gpu_count=0, force=True)
+    p = L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0, force=True)
     assert any("--force" in w for w in p.warnings)
 
 
@@ -295,29 +297,29 @@ def test_does_not_fit_names_shortfall_and_fixes(tmp_path):
 @needs_smoke
 def test_prepare_resume(tmp_path):
     r = _recipe(tmp_path, **{"parallel.strategy": "zero2", "cluster.gpus_per_node": 2, "train.precision": "bf16"})
-    p = R.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
-    R.render_files(p, python="/py")
-    run = R.write_run(p)
+    p = L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
+    L.render_files(p, python="/py")
+    run = L.write_run(p)
     run.update_state(status="stopped")
     with pytest.raises(FtlError, match="no complete checkpoint"):
-        R.prepare_resume(run.id, root=tmp_path / "runs")
+        L.prepare_resume(run.id, root=tmp_path / "runs")
     _ckpt(run.dir, 3, True)
     _ckpt(run.dir, 6, False)
-    q = R.prepare_resume(str(run.dir))
+    q = L.prepare_resume(str(run.dir))
     assert q.resume_from == (run.dir / "checkpoints" / "checkpoint-3").resolve()
     assert q.plan.strategy == "zero2" and q.plan.world_size == 2
-    R.render_files(q, python="/py")
+    L.render_files(q, python="/py")
     assert q.spec.argv[-2:] == ["--resume-from", str(q.resume_from)]
     assert q.files["deepspeed.json"] == run.deepspeed_path.read_text()  # the run's own config is kept
-    R.write_run(q)
+    L.write_run(q)
     assert run.state()["resumed_from"] == [str(q.resume_from)]
     assert "--resume-from" in run.command_path.read_text()
     run.update_state(status="completed")
     with pytest.raises(FtlError, match="already completed"):
-        R.prepare_resume(run.id, root=tmp_path / "runs")
+        L.prepare_resume(run.id, root=tmp_path / "runs")
     run.update_state(status="running", launcher_pid=os.getpid())
     with pytest.raises(FtlError, match="still running"):
-        R.prepare_resume(run.id, root=tmp_path / "runs")
+        L.prepare_resume(run.id, root=tmp_path / "runs")
 
 
 # --- the CLI, without processes -----------------------------------------------------------------------
@@ -392,8 +394,8 @@ def test_cli_runs_status_logs(cli, tmp_path):
     assert res.exit_code == 0 and "no runs" in res.output
     assert cli("status").exit_code == 2
     run = R.create_run_dir("demo run", tmp_path / "runs", NOW)
-    R.write_json(run.state_path, {**R.initial_state(run, "demo run"), "status": "completed", "started": "2025-03-04T05:06:07+00:00"})
-    R.write_json(run.plan_path, {"strategy": "ddp", "world_size": 1, "device": "cpu"})
+    F.write_json(run.state_path, {**R.initial_state(run, "demo run"), "status": "completed", "started": "2025-03-04T05:06:07+00:00"})
+    F.write_json(run.plan_path, {"strategy": "ddp", "world_size": 1, "device": "cpu"})
     run.metrics_path.write_text('{"step": 5, "loss": 1.25}\n')
     run.log_path.write_text("hello\nworld\n")
     _ckpt(run.dir, 5, True)

@@ -34,7 +34,7 @@ from launcher.estimate import states as S
 from launcher.estimate.arch import arch_from_config
 from launcher.estimate.params import plan_params
 from launcher.estimate.states import state_bytes
-from launcher.recipe import recipe_from_dict
+from launcher.spec.recipe import recipe_from_dict
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -25,7 +25,7 @@ from launcher.estimate import states as S
 from launcher.estimate.arch import arch_from_config
 from launcher.estimate.params import plan_params
 from launcher.estimate.states import state_bytes
-from launcher.recipe import recipe_from_dict
+from launcher.spec.recipe import recipe_from_dict
 from tests.conftest import tiny_config
 
 # q_proj 64x64 = 4096 elements (8-bit Adam state), k/v 32x64 = 2048 (32-bit), MLP 64x96, vocab 250

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.errors import FtlError
-from launcher.recipe import dump_recipe, recipe_from_dict
+from launcher.core.errors import FtlError
+from launcher.spec.recipe import dump_recipe, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "assets" / "tiny-llama"

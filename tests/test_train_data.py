@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import FtlError
-from launcher.recipe import recipe_from_dict
+from launcher.core.errors import FtlError
+from launcher.spec.recipe import recipe_from_dict
 from launcher.train.data import map_label, validate_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,7 +186,7 @@ def test_no_path_and_early_stopping_without_eval(tmp_path):
 
 def test_validate_data_does_not_import_torch():
     code = (
-        "import sys; from launcher.recipe import recipe_from_dict; from launcher.train.data import validate_data;"
+        "import sys; from launcher.spec.recipe import recipe_from_dict; from launcher.train.data import validate_data;"
         f"r = recipe_from_dict({{'name': 't', 'model': {str(TINY)!r}, 'task': 'classification',"
         f" 'data': {{'path': {str(DATA / 'sentiment.csv')!r}, 'label_map': {{'negative': 0, 'positive': 1}}}}}});"
         "validate_data(r); heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules];"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.estimate.estimator import estimate
-from launcher.recipe import load_recipe
+from launcher.estimate.search import estimate
+from launcher.spec.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 POINTS = sorted((ROOT / "docs" / "validation").glob("*.json"))

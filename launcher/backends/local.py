@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,13 +22,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterator
 
-from launcher.backends import Backend, follow_file
-from launcher.errors import FtlError
-from launcher.runs import ACTIVE, Run, effective_status, group_alive, utcnow
+from launcher.backends.base import Backend, follow_file
+from launcher.core.errors import FtlError
+from launcher.core.files import utcnow
+from launcher.core.procs import group_alive, killpg, pid_alive, trap_signals
+from launcher.render import LaunchSpec
+from launcher.rundir import ACTIVE, Run, local_status
+from launcher.rundir.cost import write_cost
 
 ANSI_RE = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 GROUP_EXIT_WAIT_S = 150  # after the main child ends, how long to wait for stragglers before SIGKILL
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class LogTee:
@@ -88,8 +92,6 @@ class LocalHandle:
 
 def local_gpu_count() -> int:
     """NVIDIA GPUs on this machine (nvidia-smi -L), 0 without; FTL_NO_GPU_DETECT=1 forces 0."""
-    import shutil
-
     if os.environ.get("FTL_NO_GPU_DETECT") or not shutil.which("nvidia-smi"):
         return 0
     try:
@@ -106,7 +108,8 @@ class LocalBackend(Backend):
         self.echo = echo
 
     # -- start --------------------------------------------------------------------------------
-    def launch(self, run: Run, resume_from: str | None = None, spec: Any = None, secrets: dict[str, str] | None = None) -> LocalHandle:
+    def launch(self, run: Run, resume_from: str | None = None, spec: LaunchSpec | None = None,
+               secrets: dict[str, str] | None = None) -> LocalHandle:
         """Start `spec` (a launcher.render.LaunchSpec: what command.sh records) for run."""
         if spec is None:
             raise FtlError("the local backend needs the launch spec rendered for the run")
@@ -160,40 +163,32 @@ class LocalBackend(Backend):
 
     # -- wait, forwarding stop signals ----------------------------------------------------------
     def wait(self, handle: LocalHandle) -> str:
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous: dict[int, Any] = {}
-
         def on_signal(signum, _frame):
             if handle.stop_signal is None:
                 handle.stop_signal = signum
                 self._say(handle, f"ftl: {signal.Signals(signum).name}: asking run {handle.run.id} to save a "
                                   "checkpoint and stop (again to kill it now)")
-                _killpg(handle.proc.pid, signal.SIGTERM)
+                killpg(handle.proc.pid, signal.SIGTERM)
             else:
                 handle.killed = True
                 self._say(handle, f"ftl: killing run {handle.run.id}")
-                _killpg(handle.proc.pid, signal.SIGKILL)
+                killpg(handle.proc.pid, signal.SIGKILL)
 
-        if main_thread:
-            for s in STOP_SIGNALS:
-                previous[s] = signal.signal(s, on_signal)
-        try:
-            rc = handle.proc.wait()
-            # the launcher may exit before its ranks (a signal): wait for the whole group
-            deadline = time.monotonic() + GROUP_EXIT_WAIT_S
-            while group_alive(handle.proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if group_alive(handle.proc.pid):
-                self._say(handle, f"ftl: processes of run {handle.run.id} still alive {GROUP_EXIT_WAIT_S} s after the "
-                                  "launcher ended; killing them")
-                _killpg(handle.proc.pid, signal.SIGKILL)
-            if handle._pump is not None:
-                handle._pump.join(timeout=30)
-        finally:
-            if main_thread:
-                for s, h in previous.items():
-                    signal.signal(s, h)
-            handle.proc.stdout.close()
+        with trap_signals(on_signal):
+            try:
+                rc = handle.proc.wait()
+                # the launcher may exit before its ranks (a signal): wait for the whole group
+                deadline = time.monotonic() + GROUP_EXIT_WAIT_S
+                while group_alive(handle.proc.pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if group_alive(handle.proc.pid):
+                    self._say(handle, f"ftl: processes of run {handle.run.id} still alive {GROUP_EXIT_WAIT_S} s after "
+                                      "the launcher ended; killing them")
+                    killpg(handle.proc.pid, signal.SIGKILL)
+                if handle._pump is not None:
+                    handle._pump.join(timeout=30)
+            finally:
+                handle.proc.stdout.close()
         status = self._final_status(handle, rc)
         handle.tee.close()
         handle.log.write(f"===== ftl: run {status} (returncode {rc}) at {utcnow()} =====\n".encode())
@@ -203,8 +198,6 @@ class LocalBackend(Backend):
             error = f"the launch command exited with {rc}; see {handle.run.log_path}"
         handle.run.update_state(status=status, returncode=rc, ended=utcnow(), error=error)
         try:  # cost.json: wall time, GPU-hours and cost beside the estimate (ftl report); never fails a run
-            from launcher.report import write_cost
-
             write_cost(handle.run)
         except Exception as e:  # noqa: BLE001
             self._say(handle, f"ftl: could not write cost.json: {e}")
@@ -234,41 +227,28 @@ class LocalBackend(Backend):
 
     # -- other verbs ------------------------------------------------------------------------------
     def status(self, run: Run) -> dict[str, Any]:
-        status = effective_status(run)
+        status = local_status(run)
         st = run.state()
         st["status"] = status
         return st
 
     def cancel(self, run: Run) -> bool:
         st = run.state()
-        if effective_status(run) not in ACTIVE or not st.get("pgid"):
+        if local_status(run) not in ACTIVE or not st.get("pgid"):
             return False
         run.update_state(stop_requested=utcnow())
         # the launcher forwards it and records the result
-        if st.get("launcher_pid") and _alive(st["launcher_pid"]):
+        if st.get("launcher_pid") and pid_alive(st["launcher_pid"]):
             try:
                 os.kill(int(st["launcher_pid"]), signal.SIGTERM)
                 return True
             except OSError:
                 pass
-        _killpg(int(st["pgid"]), signal.SIGTERM)
+        killpg(int(st["pgid"]), signal.SIGTERM)
         return True
 
     def logs(self, run: Run, follow: bool = False, rank: int | None = None, poll_s: float = 0.5) -> Iterator[str]:
-        return follow_file(run.log_path, (lambda: effective_status(run) in ACTIVE) if follow else (lambda: False), poll_s)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    from launcher.runs import pid_alive
-
-    return pid_alive(pid)
+        return follow_file(run.log_path, (lambda: local_status(run) in ACTIVE) if follow else (lambda: False), poll_s)
 
 
 def _stop_requested(run: Run) -> bool:

@@ -1,4 +1,4 @@
-"""The SLURM backend: one submitit task per node, each running launcher.node (pre-flight, then its
+"""The SLURM backend: one submitit task per node, each running launcher.agent.node (pre-flight, then its
 `accelerate launch` line with a static rendezvous on the first node's address).
 
 * `launch` submits through submitit (job name = run id, one task per node, the profile's partition,
@@ -7,7 +7,7 @@
   following: the job keeps its allocation (`ftl logs -f RUN`, `ftl cancel RUN`).
 * Before the time limit or on preemption SLURM sends USR2 (submitit's `--signal`): the trainer saves a
   checkpoint and stops, submitit requeues the job, and the requeued job resumes from that checkpoint
-  (launcher.node.SlurmNodeTask).
+  (launcher.agent.node.SlurmNodeTask).
 * `cancel` sends SIGTERM to the job's steps (every rank saves a checkpoint and stops; `ftl launch
   --resume RUN` continues it); a job still pending is simply cancelled.
 * `export_sbatch` writes the same launch as a standalone sbatch script.
@@ -21,17 +21,22 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from launcher.backends import Backend, follow_file, say
-from launcher.errors import FtlError
-from launcher.weights import prefetch
-from launcher.runs import ACTIVE, Run, utcnow
+from launcher.agent.node import SlurmNodeTask, preflight_errors
+from launcher.backends.base import Backend, follow_file, say
+from launcher.backends.weights import prefetch
+from launcher.core.errors import FtlError
+from launcher.core.files import utcnow
+from launcher.render import AGENT_MODULE, LaunchSpec, Plan
+from launcher.rundir import ACTIVE, Run
+from launcher.rundir.cost import write_cost
+from launcher.spec.recipe import recipe_from_dict
 
 DEFAULT_TIME_MIN = 60
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY",
@@ -64,8 +69,6 @@ def slurm_minutes(limit: str | None) -> int:
 
 
 def _check_tools() -> None:
-    import shutil
-
     missing = [t for t in ("sbatch", "squeue", "scontrol", "scancel") if not shutil.which(t)]
     if missing:
         raise SlurmError(f"SLURM client tools not found on PATH ({', '.join(missing)}): run ftl on a login node of the "
@@ -119,13 +122,9 @@ class SlurmBackend(Backend):
         _check_tools()
 
     # -- start --------------------------------------------------------------------------------
-    def launch(self, run: Run, resume_from: str | None = None, spec: Any = None,
+    def launch(self, run: Run, resume_from: str | None = None, spec: LaunchSpec | None = None,
                secrets: dict[str, str] | None = None) -> SlurmHandle:
-        import submitit
-
-        from launcher.node import SlurmNodeTask
-        from launcher.recipe import recipe_from_dict
-        from launcher.render import Plan
+        import submitit  # third-party, only when submitting
 
         _check_tools()
         recipe = recipe_from_dict(run.recipe_dict(), run.recipe_path)
@@ -197,8 +196,6 @@ class SlurmBackend(Backend):
         st = run.update_state(status=status, ended=st.get("ended") or utcnow(), error=error,
                               returncode=_exit_code(info), slurm={**st["slurm"], "state": state or "GONE"})
         try:
-            from launcher.report import write_cost
-
             write_cost(run)
         except Exception:  # noqa: BLE001 - a report never fails a run
             pass
@@ -206,8 +203,6 @@ class SlurmBackend(Backend):
 
     @staticmethod
     def _final(run: Run, st: dict[str, Any], state: str | None, info: dict[str, str]) -> tuple[str, str | None]:
-        from launcher.node import preflight_errors
-
         res = run.result() or {}
         pre = preflight_errors(run)
         if pre:
@@ -234,8 +229,14 @@ class SlurmBackend(Backend):
         return True
 
     def logs(self, run: Run, follow: bool = False, rank: int | None = None) -> Iterator[str]:
-        path = run.dir / "logs" / f"node-{rank or 0}.log"
-        return follow_file(path, (lambda: self.status(run)["status"] in ACTIVE) if follow else (lambda: False))
+        return follow_file(self.log_path(run, rank), (lambda: self.status(run)["status"] in ACTIVE) if follow else (lambda: False))
+
+    def log_path(self, run: Run, rank: int | None = None) -> Path:
+        return run.dir / "logs" / f"node-{rank or 0}.log"
+
+    def where(self, state: dict[str, Any]) -> str:
+        sl = state.get("slurm") or {}
+        return f"job {sl.get('job_id')}" + (f" {sl['state']}" if sl.get("state") else "")
 
     def _say(self, run: Run, msg: str) -> None:
         say(run, msg)
@@ -299,7 +300,7 @@ def export_sbatch(run: Run, recipe: Any, device: str, python: str | None = None)
     lines += [_flag(k, v) for k, v in sorted(p.items())]
     if setup:
         lines += ["", "# setup (cluster.setup)"] + list(setup)
-    node = [python or recipe.cluster.python or sys.executable, "-m", "launcher.node", "--run-dir", str(run.dir)]
+    node = [python or recipe.cluster.python or sys.executable, "-m", AGENT_MODULE, "--run-dir", str(run.dir)]
     lines += ["", "set -u", "mkdir -p " + shlex.quote(str(run.dir / "slurm")),
               "srun --ntasks-per-node=1 --kill-on-bad-exit=1 " + " ".join(shlex.quote(a) for a in node), ""]
     return "\n".join(lines)

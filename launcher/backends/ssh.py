@@ -1,9 +1,9 @@
-"""The SSH backend: N plain hosts, one `python -m launcher.node` per host started over SSH.
+"""The SSH backend: N plain hosts, one `python -m launcher.agent` per host started over SSH.
 
 * Each node process is started with setsid + nohup, detached from the SSH session: a dropped connection
   does not stop training, and ftl (or a later `ftl logs -f`, `ftl status`, `ftl cancel`) reconnects.
 * Node 0's address (`hosts[0].address`, else its `host`) and a port free on it form the static
-  rendezvous; launcher.node's pre-flight checks every node against it before training starts.
+  rendezvous; launcher.agent.node's pre-flight checks every node against it before training starts.
 * Logs come back over SSH (`tail -F` of each node's log) into logs/launch.log, prefixed by node; a
   dropped connection is re-opened from the first unseen line, and a node unreachable for
   FTL_UNREACHABLE_S (600 s) counts as failed.
@@ -17,9 +17,11 @@ backend syncs). Host keys are remembered per run (accept-new, see known_hosts_fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,12 +29,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from launcher.backends import Backend, say
-from launcher.errors import FtlError
-from launcher.node import EXIT_INTERRUPTED, SECRETS_VAR, preflight_errors
-from launcher.runs import ACTIVE, Run, pid_alive, utcnow
+from launcher.agent.node import SECRETS_VAR, preflight_errors
+from launcher.backends.base import Backend, say
+from launcher.core.errors import FtlError
+from launcher.core.files import utcnow
+from launcher.core.procs import EXIT_INTERRUPTED, kill_tree, pid_alive, trap_signals
+from launcher.render import AGENT_MODULE, LaunchSpec
+from launcher.rundir import ACTIVE, Run
+from launcher.rundir.cost import write_cost
+from launcher.spec.recipe import Recipe, recipe_from_dict
 
 POLL_S = 1.0
 SSH_TIMEOUT_S = 30
@@ -77,8 +84,6 @@ def known_hosts_file(run_dir: Path) -> Path:
     """The run's own known_hosts (accept-new: rented instances are new hosts, and their addresses get reused
     by other instances later). Outside the run directory because ssh's option parser cannot take a path
     with quotes in it, and run directories may have any name."""
-    import hashlib
-
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ftl" / "ssh"
     base.mkdir(parents=True, exist_ok=True)
     return base / f"known_hosts-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:16]}"
@@ -114,7 +119,7 @@ def remote_dir(run: Run) -> Path:
     return Path(d) if d else run.dir
 
 
-def nodes_of(recipe: Any) -> list[Node]:
+def nodes_of(recipe: Recipe) -> list[Node]:
     cl = recipe.cluster
     return [Node(rank=i, host=h.host, port=h.port, user=h.user, key=h.key, address=h.address,
                  python=h.python or cl.python) for i, h in enumerate(cl.hosts[: cl.nodes])]
@@ -124,13 +129,13 @@ def _remote_python(node: Node) -> str:
     return node.python or sys.executable
 
 
-def dry_run_lines(run: Run, recipe: Any) -> str:
+def dry_run_lines(run: Run, recipe: Recipe) -> str:
     """What ftl would run on each host (the rendezvous port is chosen on node 0 at launch)."""
     nodes = nodes_of(recipe)
     main = nodes[0].address or nodes[0].host
     out = []
     for n in nodes:
-        cmd = [_remote_python(n), "-m", "launcher.node", "--run-dir", str(run.dir), "--machine-rank", str(n.rank),
+        cmd = [_remote_python(n), "-m", AGENT_MODULE, "--run-dir", str(run.dir), "--machine-rank", str(n.rank),
                "--nodes", str(len(nodes)), "--main-addr", main, "--port", "<free port on node 0>", "--name", n.host]
         target = f"{n.user}@{n.host}" if n.user else n.host
         out.append(f"# {n.label}: ssh -p {n.port} {target}, detached (setsid nohup)\n" + " ".join(shlex.quote(a) for a in cmd))
@@ -147,25 +152,27 @@ class SshHandle:
 
 
 class SshBackend(Backend):
+    """Plain hosts over SSH. `on_nodes_ended` runs after every node has ended and before the verdict (which reads
+    result.json, preflight/ and checkpoints locally): a backend whose hosts do not share the run directory
+    brings the results back there (the rental backend)."""
+
     name = "ssh"
 
-    def __init__(self, echo: bool = True):
+    def __init__(self, echo: bool = True, on_nodes_ended: Callable[["SshHandle"], None] | None = None):
         self.echo = echo
-        self._out_lock = threading.Lock()
+        self.on_nodes_ended = on_nodes_ended
+        self.out_lock = threading.Lock()
 
     def check(self) -> None:
-        import shutil
-
         if not shutil.which("ssh"):
             raise SshError("the ssh client is not on PATH: install OpenSSH (apt-get install openssh-client)")
 
     # -- start --------------------------------------------------------------------------------
-    def launch(self, run: Run, resume_from: str | None = None, spec: Any = None,
-               secrets: dict[str, str] | None = None) -> SshHandle:
-        from launcher.recipe import recipe_from_dict
-
+    def launch(self, run: Run, resume_from: str | None = None, spec: LaunchSpec | None = None,
+               secrets: dict[str, str] | None = None, nodes: list[Node] | None = None) -> SshHandle:
+        """Start one node agent per host: the profile's hosts, or `nodes` (hosts that exist only for this run)."""
         recipe = recipe_from_dict(run.recipe_dict(), run.recipe_path)
-        nodes = nodes_of(recipe)
+        nodes = nodes if nodes is not None else nodes_of(recipe)
         rdir = remote_dir(run)
         for n in nodes:  # reachable, and the run directory is there (shared or synced)
             r = run_ssh(n, run.dir, f"test -f {shlex.quote(str(rdir / 'plan.json'))} && echo ok")
@@ -186,9 +193,9 @@ class SshBackend(Backend):
                 n.pid = self._start_node(run, n, len(nodes), main_addr, port, workdir, secret_line)
                 run.update_state(hosts=[m.to_json() for m in nodes])
         except BaseException:
-            self._stop_all(handle, signal.SIGKILL)
+            self.signal_all(handle, signal.SIGKILL)
             raise
-        self._say(handle, f"ftl: started {len(nodes)} node(s): " + ", ".join(f"{n.label} pid {n.pid}" for n in nodes)
+        self.say(handle, f"ftl: started {len(nodes)} node(s): " + ", ".join(f"{n.label} pid {n.pid}" for n in nodes)
                   + f"; rendezvous {main_addr}:{port}")
         for n in nodes:
             handle.tails.append(self._tail(handle, n))
@@ -204,7 +211,7 @@ class SshBackend(Backend):
 
     def _start_node(self, run: Run, n: Node, nodes: int, main_addr: str, port: int, workdir: str, secret_line: str) -> int:
         logs = remote_dir(run) / "logs"
-        node_cmd = [_remote_python(n), "-m", "launcher.node", "--run-dir", str(remote_dir(run)), "--machine-rank", str(n.rank),
+        node_cmd = [_remote_python(n), "-m", AGENT_MODULE, "--run-dir", str(remote_dir(run)), "--machine-rank", str(n.rank),
                     "--nodes", str(nodes), "--main-addr", main_addr, "--port", str(port), "--name", n.host]
         q = shlex.quote
         # read the secrets line from stdin into the environment, then detach (setsid: own session, so the
@@ -226,7 +233,7 @@ class SshBackend(Backend):
         return f
 
     def _emit(self, h: SshHandle, line: str) -> None:
-        with self._out_lock:
+        with self.out_lock:
             with open(h.run.log_path, "a", errors="replace") as log:
                 log.write(line + "\n")
             if self.echo:
@@ -238,49 +245,36 @@ class SshBackend(Backend):
 
     # -- wait -----------------------------------------------------------------------------------
     def wait(self, handle: SshHandle) -> str:
-        main_thread = threading.current_thread() is threading.main_thread()
-        previous: dict[int, Any] = {}
-
         def on_signal(signum, _frame):
             if handle.stop_signal is None:
                 handle.stop_signal = signum
                 handle.run.update_state(stop_requested=utcnow())
-                self._say(handle, f"ftl: {signal.Signals(signum).name}: asking every node of run {handle.run.id} to save "
+                self.say(handle, f"ftl: {signal.Signals(signum).name}: asking every node of run {handle.run.id} to save "
                                   "a checkpoint and stop (again to kill them now)")
-                self._signal_all(handle, signal.SIGTERM)
+                self.signal_all(handle, signal.SIGTERM)
             else:
                 handle.killed = True
-                self._say(handle, f"ftl: killing every process of run {handle.run.id}")
-                self._signal_all(handle, signal.SIGKILL)
+                self.say(handle, f"ftl: killing every process of run {handle.run.id}")
+                self.signal_all(handle, signal.SIGKILL)
 
-        if main_thread:
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                previous[s] = signal.signal(s, on_signal)
-        try:
-            codes = self._watch(handle)
-        finally:
-            if main_thread:
-                for s, h in previous.items():
-                    signal.signal(s, h)
-            time.sleep(0.5)  # let the tails print the last lines
-            for t in handle.tails:
-                t.stop()
-        self.after_nodes_ended(handle)
+        with trap_signals(on_signal):
+            try:
+                codes = self._watch(handle)
+            finally:
+                time.sleep(0.5)  # let the tails print the last lines
+                for t in handle.tails:
+                    t.stop()
+        if self.on_nodes_ended is not None:
+            self.on_nodes_ended(handle)
         status, error, rc = self._verdict(handle.run, codes, handle.stop_signal is not None or handle.killed)
         handle.run.update_state(status=status, ended=utcnow(), error=error, returncode=rc,
                                 node_returncodes={str(k): v for k, v in codes.items()})
-        self._say(handle, f"===== ftl: run {status} at {utcnow()} =====")
+        self.say(handle, f"===== ftl: run {status} at {utcnow()} =====")
         try:
-            from launcher.report import write_cost
-
             write_cost(handle.run)
         except Exception as e:  # noqa: BLE001
-            self._say(handle, f"ftl: could not write cost.json: {e}")
+            self.say(handle, f"ftl: could not write cost.json: {e}")
         return status
-
-    def after_nodes_ended(self, handle: SshHandle) -> None:
-        """Hook for backends whose hosts do not share the run directory: bring results back before the verdict
-        (which reads result.json, preflight/ and checkpoints locally)."""
 
     def _watch(self, h: SshHandle) -> dict[int, int | None]:
         """Poll every node until all have ended; when one fails, stop the others. {rank: exit code or None}."""
@@ -291,13 +285,13 @@ class SshBackend(Backend):
             for n in h.nodes:
                 if n.rank in codes:
                     continue
-                state = self._probe(h.run, n)
+                state = self.probe(h.run, n)
                 if state == "unreachable":
                     first = unreachable_since.setdefault(n.rank, time.monotonic())
                     if time.monotonic() - first < unreachable_limit_s():
                         continue
                     state = "gone"
-                    self._say(h, f"ftl: {n.label} unreachable over SSH for {unreachable_limit_s():.0f} s; giving it up")
+                    self.say(h, f"ftl: {n.label} unreachable over SSH for {unreachable_limit_s():.0f} s; giving it up")
                 else:
                     unreachable_since.pop(n.rank, None)
                 if state == "alive":
@@ -306,21 +300,21 @@ class SshBackend(Backend):
                 failed = codes[n.rank] not in (0, EXIT_INTERRUPTED)
                 if failed and stopping_since is None and len(codes) < len(h.nodes):
                     what = "vanished without an exit code" if codes[n.rank] is None else f"exited with {codes[n.rank]}"
-                    self._say(h, f"ftl: {n.label} {what}; stopping the other nodes")
+                    self.say(h, f"ftl: {n.label} {what}; stopping the other nodes")
                     h.run.update_state(error=f"{n.label} {what}")
-                    self._signal_all(h, signal.SIGTERM, skip=set(codes))
+                    self.signal_all(h, signal.SIGTERM, skip=set(codes))
                     stopping_since = time.monotonic()
             if h.stop_signal is not None and stopping_since is None:
                 stopping_since = time.monotonic()
             if stopping_since is not None and time.monotonic() - stopping_since > stop_grace_s() and not h.killed:
-                self._say(h, f"ftl: nodes still running {stop_grace_s():.0f} s after the stop; killing them")
+                self.say(h, f"ftl: nodes still running {stop_grace_s():.0f} s after the stop; killing them")
                 h.killed = True
-                self._signal_all(h, signal.SIGKILL, skip=set(codes))
+                self.signal_all(h, signal.SIGKILL, skip=set(codes))
             if len(codes) < len(h.nodes):
                 time.sleep(POLL_S)
         return codes
 
-    def _probe(self, run: Run, n: Node) -> str:
+    def probe(self, run: Run, n: Node) -> str:
         """'alive', an exit code as text, 'gone' (no process, no exit code) or 'unreachable'."""
         q = shlex.quote
         exit_file = str(remote_dir(run) / "logs" / f"node-{n.rank}.exit")
@@ -332,7 +326,7 @@ class SshBackend(Backend):
             return "unreachable"
         return out[-1].strip() if out else "unreachable"
 
-    def _signal_all(self, h: SshHandle, sig: int, skip: set[int] | None = None) -> None:
+    def signal_all(self, h: SshHandle, sig: int, skip: set[int] | None = None) -> None:
         for n in h.nodes:
             if n.pid and n.rank not in (skip or set()):
                 self._signal_node(h.run, n, sig)
@@ -349,9 +343,6 @@ class SshBackend(Backend):
         else:
             cmd = f"kill -{int(sig)} {pid} 2>/dev/null; true"
         run_ssh(n, run.dir, cmd, timeout=20)
-
-    def _stop_all(self, h: SshHandle, sig: int) -> None:
-        self._signal_all(h, sig)
 
     @staticmethod
     def _verdict(run: Run, codes: dict[int, int | None], stop_requested: bool) -> tuple[str, str | None, int | None]:
@@ -371,17 +362,18 @@ class SshBackend(Backend):
         return "failed", (run.state().get("error") or "; ".join(failed) or "the run ended without a result"), worst if worst is not None else 1
 
     # -- other verbs ------------------------------------------------------------------------------
-    def _nodes(self, run: Run) -> list[Node]:
+    def recorded_nodes(self, run: Run) -> list[Node]:
+        """The hosts the run started on (state.json `hosts`)."""
         return [Node(**{k: v for k, v in h.items() if k in Node.__dataclass_fields__}) for h in run.state().get("hosts") or []]
 
     def status(self, run: Run) -> dict[str, Any]:
         st = run.state()
         if st.get("status") not in ACTIVE or pid_alive(st.get("launcher_pid")):
             return st
-        nodes = self._nodes(run)
+        nodes = self.recorded_nodes(run)
         if not nodes:
             return st
-        states = {n.rank: self._probe(run, n) for n in nodes}
+        states = {n.rank: self.probe(run, n) for n in nodes}
         if any(s in ("alive", "unreachable") for s in states.values()):
             return st
         codes = {k: (None if s == "gone" else int(s)) for k, s in states.items()}
@@ -400,12 +392,12 @@ class SshBackend(Backend):
                 return True
             except OSError:
                 pass
-        h = SshHandle(run, self._nodes(run))
-        self._signal_all(h, signal.SIGTERM)
+        h = SshHandle(run, self.recorded_nodes(run))
+        self.signal_all(h, signal.SIGTERM)
         return True
 
     def logs(self, run: Run, follow: bool = False, rank: int | None = None) -> Iterator[str]:
-        nodes = self._nodes(run)
+        nodes = self.recorded_nodes(run)
         n = next((m for m in nodes if m.rank == (rank or 0)), None)
         if n is None:
             raise SshError(f"run {run.id} has no node {rank or 0} (nodes: {', '.join(str(m.rank) for m in nodes) or 'none'})")
@@ -423,7 +415,7 @@ class SshBackend(Backend):
             while p.poll() is None:
                 if self.status(run).get("status") not in ACTIVE:
                     time.sleep(1.0)  # the last lines
-                    _kill_tree(p)
+                    kill_tree(p)
                     return
                 time.sleep(2.0)
 
@@ -433,10 +425,17 @@ class SshBackend(Backend):
             for line in p.stdout:
                 yield line.rstrip("\n")
         finally:
-            _kill_tree(p)
+            kill_tree(p)
 
-    def _say(self, h: SshHandle, msg: str) -> None:
-        say(h.run, msg, self._out_lock)
+    def log_path(self, run: Run, rank: int | None = None) -> Path:
+        return run.dir / "logs" / f"node-{rank or 0}.log"
+
+    def where(self, state: dict[str, Any]) -> str:
+        return ",".join(str(h.get("host")) for h in state.get("hosts") or [])
+
+    def say(self, h: SshHandle, msg: str) -> None:
+        """One line of ftl's own to the terminal and the run's launch.log, between the nodes' lines."""
+        say(h.run, msg, self.out_lock)
 
 
 class LogFollower:
@@ -477,25 +476,11 @@ class LogFollower:
             if self.stopped.wait(self.RECONNECT_S):
                 return
             if got or not self.reconnects:  # once per outage
-                self.backend._say(self.h, f"ftl: lost the log stream of {self.n.label}; reconnecting "
+                self.backend.say(self.h, f"ftl: lost the log stream of {self.n.label}; reconnecting "
                                           "(training goes on there)")
             self.reconnects = 0 if got else self.reconnects + 1
 
     def stop(self) -> None:
         self.stopped.set()
         if self.proc is not None:
-            _kill_tree(self.proc)
-
-
-def _kill_tree(p: subprocess.Popen) -> None:
-    try:
-        os.killpg(p.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        p.wait(5)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            kill_tree(self.proc)

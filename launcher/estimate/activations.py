@@ -41,7 +41,7 @@ from typing import Literal
 from launcher.estimate.arch import dropout_from_config  # noqa: F401  (re-exported)
 from launcher.estimate.arch import Arch, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
-from launcher.recipe import Recipe
+from launcher.spec.recipe import Recipe
 
 Device = Literal["cuda", "cpu"]
 

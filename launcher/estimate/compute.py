@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from launcher.catalog import GpuSpec, _load
-from launcher.recipe import Recipe
+from launcher.spec.catalog import GpuSpec, _load
+from launcher.spec.recipe import Recipe
 
 _MFU: dict | None = None
 

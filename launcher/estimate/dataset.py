@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from launcher.recipe import Recipe
+from launcher.spec.catalog import calibration
+from launcher.spec.prompts import alpaca_prompt
+from launcher.spec.recipe import Recipe
 
-CHARS_PER_TOKEN = 4.0  # English prose with BPE vocabularies of 32k-128k; labelled wherever used
+CHARS_PER_TOKEN = float(calibration()["data"]["chars_per_token"])  # a prior (catalog/calibration.yaml); labelled wherever used
 TEXT_FIELDS = ("text", "instruction", "input", "output", "prompt", "response", "chosen", "rejected", "content")
 
 
@@ -54,8 +56,6 @@ def _text_of(rec: Any, columns: dict[str, str], template: str | None = None) -> 
         return str(rec)
     rec = {ours: rec[theirs] for ours, theirs in columns.items() if theirs in rec} | rec
     if "instruction" in rec:  # SFT trains on the rendered prompt plus the response
-        from launcher.train.prompts import alpaca_prompt
-
         return alpaca_prompt(rec, template) + str(rec.get("output") or "")
     wanted = set(columns.values()) | set(TEXT_FIELDS)
     parts: list[str] = []

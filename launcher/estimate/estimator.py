@@ -1,6 +1,8 @@
 """The estimate of one recipe: parameters, memory, compute, time and cost, assembled from the parts.
 
-Nothing here imports torch or transformers; the answer must come in well under a second.
+Nothing here imports torch or transformers; the answer must come in well under a second. The strategy
+comes resolved: `parallel.strategy: auto`, and the changes suggested for a recipe that does not fit, are
+searches over estimates (launcher.estimate.search).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.catalog import GpuSpec, ModelSpec, find_gpu, gpus, resolve_model
-from launcher.errors import FtlError
+from launcher.spec.catalog import GpuSpec, ModelSpec, find_gpu
+from launcher.core.errors import FtlError
 from launcher.estimate.arch import Arch, ArchError, arch_from_config
 from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time, total_cost
 from launcher.estimate.dataset import DataSize, data_size, sequences_per_epoch
@@ -20,7 +22,7 @@ from launcher.estimate.flops import flops_per_step
 from launcher.estimate.memo import NO_MEMO, Memo, recipe_key
 from launcher.estimate.memory import GiB, MemoryEstimate, memory_estimate
 from launcher.estimate.params import ParamPlan, plan_params
-from launcher.recipe import Recipe
+from launcher.spec.recipe import STRATEGIES, Recipe
 
 
 
@@ -160,13 +162,6 @@ def _gpu_for(recipe: Recipe) -> tuple[GpuSpec | None, int | None, str]:
     return None, None, "none named or detected"
 
 
-def resolve_strategy(recipe: Recipe, world: int) -> str:
-    s = recipe.parallel.strategy
-    if s != "auto":
-        return s
-    return "ddp" if world == 1 else "auto"
-
-
 def _head(recipe: Recipe) -> str:
     return "seq_cls" if recipe.task == "classification" else "causal_lm"
 
@@ -189,26 +184,16 @@ def _memory_recipe(recipe: Recipe) -> Recipe:
     return r
 
 
-def estimate(recipe: Recipe, strategy: str | None = None, suggest: bool = True) -> Estimate:
-    spec = resolve_model(recipe.model)
-    arch = build_arch(recipe, spec)
-    return estimate_arch(recipe, spec, arch, strategy=strategy, suggest=suggest)
-
-
-def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | None = None, suggest: bool = True,
-                  memo: Memo = NO_MEMO) -> Estimate:
+def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, memo: Memo = NO_MEMO) -> Estimate:
+    """The estimate of recipe under a resolved strategy (`parallel.strategy: auto` is the caller's to resolve:
+    launcher.estimate.search.resolve_strategy)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"estimate_arch needs a resolved strategy ({', '.join(STRATEGIES)}), not {strategy!r}")
     cl = recipe.cluster
     world = cl.world_size
     params = memo(("params", recipe.quantization.bits, recipe.task, recipe.method), plan_params, arch, recipe)
     gpu, gpu_mem, gpu_source = _gpu_for(recipe)
     on_gpu = gpu_mem is not None
-
-    if strategy is None:
-        strategy = resolve_strategy(recipe, world)
-    if strategy == "auto":  # the planner's choice for this recipe's own cluster and world size
-        from launcher.plan import choose_strategy
-
-        strategy = choose_strategy(recipe, spec, arch)
 
     mem_recipe = _memory_recipe(recipe)
     mem = memory_estimate(arch, params, mem_recipe, strategy, world, cl.gpus_per_node, gpu, on_gpu, memo=memo)
@@ -260,7 +245,7 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "attn_implementation": recipe.train.attn_implementation,
         "mfu": mfu,
-        "mfu_source": "recipe estimate.mfu" if recipe.estimate.mfu else "default for method and GPU (launcher/catalog/mfu.yaml)",
+        "mfu_source": "recipe estimate.mfu" if recipe.estimate.mfu else "default for method and GPU (launcher/spec/catalog/mfu.yaml)",
         "communication": comm_detail,
         "communication_overlap": "gradient reduction hidden behind backward, ZeRO-3/FSDP gathers behind compute, up to the compute time",
         "peak_statistic": "torch.cuda.max_memory_allocated, plus overhead_bytes",
@@ -268,76 +253,13 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str | N
         "data_size": size.source,
         "headroom": recipe.estimate.headroom,
     }
-    est = Estimate(
+    return Estimate(
         recipe=recipe, model=spec, arch=arch, params=params, strategy=strategy, world_size=world,
         gpu=gpu, gpu_memory_bytes=gpu_mem, gpu_source=gpu_source, memory=mem, data=size,
         sequences_per_epoch=seqs, tokens_per_sequence=tok_per_seq, tokens_per_step=tokens_per_step,
         flops_per_step=flops, steps=steps, step_time_s=st_s, total_time_s=total_s, cost_usd=cost,
         disk_bytes=disk, assumptions=assumptions,
     )
-    if suggest and est.fits is False:
-        est.suggestions = suggestions(est)
-    return est
 
 
-def _variants(r: Recipe, strategy: str, world: int) -> list[tuple[str, dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = []
-    t = r.train
-    if not t.gradient_checkpointing:
-        out.append(("enable gradient checkpointing (about 1/3 more compute)", {"train.gradient_checkpointing": True}))
-    if t.micro_batch_size > 1:
-        out.append((f"micro_batch_size 1 with grad_accum {t.grad_accum * t.micro_batch_size} (same global batch)",
-                    {"train.micro_batch_size": 1, "train.grad_accum": t.grad_accum * t.micro_batch_size}))
-    if t.optimizer == "adamw" and r.method in ("full", "freeze"):
-        out.append(("8-bit AdamW (bitsandbytes)", {"train.optimizer": "adamw_8bit"}))
-    if world > 1 and strategy not in ("zero3", "fsdp"):
-        out.append(("shard everything with ZeRO-3", {"parallel.strategy": "zero3"}))
-    if r.parallel.offload == "none" and r.method in ("full", "freeze"):
-        out.append(("offload optimizer states to CPU (ZeRO)", {"parallel.offload": "optimizer", "parallel.strategy": "zero3" if world > 1 else "zero2"}))
-    if r.method == "full":
-        out.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
-    if r.method == "lora":
-        out.append(("QLoRA (4-bit NF4 base)", {"method": "qlora"}))
-    return out
-
-
-def _with(r: Recipe, changes: dict[str, Any]) -> Recipe:
-    new = r.model_copy(deep=True)
-    for path, value in changes.items():
-        *parents, last = path.split(".")
-        node: Any = new
-        for k in parents:
-            node = getattr(node, k)
-        setattr(node, last, value)  # validate_assignment checks the value
-    return new
-
-
-def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
-    """Single changes that make the recipe fit, in order of how little they cost in speed and quality."""
-    r = est.recipe
-    out: list[dict[str, Any]] = []
-    for label, changes in _variants(r, est.strategy, est.world_size):
-        try:
-            alt = _with(r, changes)
-            e = estimate_arch(alt, est.model, est.arch, suggest=False,
-                              strategy=changes.get("parallel.strategy", est.strategy) if "parallel.strategy" in changes or r.parallel.strategy != "auto" else None)
-        except Exception:  # a variant that does not validate is simply not suggested
-            continue
-        if e.fits:
-            out.append({"change": label, "set": changes, "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
-                        "step_time_s": e.step_time_s})
-        if len(out) >= limit:
-            break
-    if est.gpu is not None:  # the smallest catalog GPU with more memory that holds it
-        for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
-            if gpus()[g]["memory_bytes_reported"] <= est.gpu.memory_bytes:
-                continue
-            e = estimate_arch(_with(r, {"cluster.gpu": g}), est.model, est.arch, strategy=est.strategy, suggest=False)
-            if e.fits:
-                out.append({"change": f"a GPU with more memory: {e.gpu.name}", "set": {"cluster.gpu": g},
-                            "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes, "step_time_s": e.step_time_s})
-                break
-    return out
-
-
-__all__ = ["Estimate", "estimate", "estimate_arch", "GiB"]
+__all__ = ["Estimate", "build_arch", "estimate_arch", "GiB"]

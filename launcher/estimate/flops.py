@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
-from launcher.recipe import Recipe
+from launcher.spec.recipe import Recipe
 
 # Backward attention matmuls as a multiple of the forward's: eager forms dP, dV, dQ, dK; fused
 # kernels (sdpa's flash / memory-efficient, flash_attention_2) also recompute the scores.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from launcher.recipe import Recipe
+from launcher.spec.recipe import Recipe
 
 
 def recipe_key(r: Recipe) -> tuple:

@@ -13,22 +13,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from launcher.catalog import GpuSpec
 from launcher.estimate.activations import ActivationBytes, activation_bytes
 from launcher.estimate.arch import Arch
 from launcher.estimate.memo import NO_MEMO, Memo, recipe_key
 from launcher.estimate.params import ParamPlan
 from launcher.estimate.states import StateBytes, state_bytes
-from launcher.recipe import Recipe
+from launcher.spec.catalog import GpuSpec, calibration
+from launcher.spec.recipe import Recipe
 
 GiB = 1024**3
 MiB = 1024**2
 
 # Stated overhead on a GPU (docs/estimation.md): CUDA context and kernels, the caching allocator's
-# slack (grows with transient memory), and the collective buffers of the strategy.
-CUDA_CONTEXT_BYTES = 512 * MiB
-FRAGMENTATION_FRACTION = 0.10  # of transient bytes (activations, logits, step temporaries)
-FRAGMENTATION_FLOOR = 128 * MiB
+# slack (grows with transient memory), and the collective buffers of the strategy. The priors are
+# data (catalog/calibration.yaml), with their sources.
+_OVERHEAD = calibration()["overhead"]
+CUDA_CONTEXT_BYTES = int(_OVERHEAD["cuda_context_bytes"])
+FRAGMENTATION_FRACTION = float(_OVERHEAD["fragmentation_fraction"])  # of transient bytes (activations, logits, step temporaries)
+FRAGMENTATION_FLOOR = int(_OVERHEAD["fragmentation_floor_bytes"])
 SHARDED_STRATEGIES = {"zero1", "zero2", "zero3", "fsdp"}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher.estimate.arch import Arch, Block, Linear
-from launcher.recipe import Recipe
+from launcher.spec.recipe import Recipe
 
 # Module names PEFT adds to modules_to_save for sequence classification (its SEQ_CLS task type).
 CLASSIFIER_NAMES = ("classifier", "score")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
-from launcher.recipe import Recipe
+from launcher.spec.recipe import Recipe
 
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 

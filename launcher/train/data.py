@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import FtlError
-from launcher.recipe import Recipe
+from launcher.core.errors import FtlError
+from launcher.spec.recipe import Recipe
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet",
                   ".txt": "txt", ".text": "txt", ".md": "txt"}

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import FtlError
+from launcher.core.errors import FtlError
 from launcher.train.merge import base_model_path, load_tokenizer_for, read_recipe, trained_dir
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from launcher.errors import FtlError
-from launcher.recipe import Recipe
+from launcher.core.errors import FtlError
+from launcher.spec.recipe import Recipe
 
 log = logging.getLogger("ftl.train")
 

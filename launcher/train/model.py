@@ -32,8 +32,12 @@ from typing import Any
 
 import torch
 
-from launcher.errors import FtlError
-from launcher.recipe import Recipe
+from launcher.core.errors import FtlError
+from launcher.estimate.arch import ArchError, arch_from_config
+from launcher.estimate.params import modules_to_save, peft_target_modules, plan_params
+from launcher.spec.catalog import index as catalog_index
+from launcher.spec.catalog import models
+from launcher.spec.recipe import Recipe
 
 log = logging.getLogger("ftl.train")
 
@@ -63,9 +67,7 @@ def resolve_source(ref: str) -> ModelSource:
     if p.exists() or ref.startswith((".", "/", "~")):
         raise FtlError(f"model = {ref!r}: {p} has no config.json; point 'model' at a folder saved with save_pretrained")
     try:
-        from launcher.catalog import _index, models
-
-        key = _index(models(), "hub_id").get(ref.lower())
+        key = catalog_index(models(), "hub_id").get(ref.lower())
         if key and models()[key].get("hub_id"):
             return ModelSource(ref, models()[key]["hub_id"], False, True)
     except Exception:  # noqa: BLE001 - the catalog is a convenience here; a hub id still loads
@@ -282,9 +284,6 @@ def apply_freeze(model, recipe: Recipe) -> list[str]:
 
 def lora_config(model, recipe: Recipe):
     from peft import LoraConfig
-
-    from launcher.estimate.arch import ArchError, arch_from_config
-    from launcher.estimate.params import modules_to_save, peft_target_modules, plan_params
 
     head = "seq_cls" if recipe.task == "classification" else "causal_lm"
     try:

@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import traceback
@@ -26,13 +25,15 @@ from typing import Any
 
 import yaml
 
-from launcher.errors import FtlError
-from launcher.recipe import Recipe
+from launcher.core.errors import FtlError
+from launcher.core.files import write_json
+from launcher.core.procs import EXIT_INTERRUPTED, free_port
+from launcher.rundir import checkpoints
+from launcher.spec.recipe import STRATEGIES, Recipe
 
 log = logging.getLogger("ftl.train")
 
 EXIT_FTL_ERROR = 2
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped on request, a COMPLETE checkpoint was written
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,16 +56,10 @@ def read_run_dir(run_dir: Path) -> tuple[Recipe, dict[str, Any]]:
     for key in ("strategy", "world_size"):
         if key not in plan:
             raise FtlError(f"{ppath}: lacks {key!r}")
-    if plan["strategy"] not in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
-        raise FtlError(f"{ppath}: strategy {plan['strategy']!r} is not one of ddp, zero1, zero2, zero3, fsdp")
+    if plan["strategy"] not in STRATEGIES:
+        raise FtlError(f"{ppath}: strategy {plan['strategy']!r} is not one of {', '.join(STRATEGIES)}")
     plan.setdefault("device", "cpu")
     return recipe, plan
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _rank() -> int:
@@ -99,12 +94,6 @@ def _setup_logging() -> None:
 # Distributed setup (before TrainingArguments) and the check after the Trainer exists
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed(recipe: Recipe, plan: dict[str, Any], run_dir: Path) -> str | None:
     """Environment and state per strategy; returns the DeepSpeed config path for ZeRO."""
     strategy, device, world = plan["strategy"], plan["device"], int(plan["world_size"])
@@ -120,7 +109,7 @@ def setup_distributed(recipe: Recipe, plan: dict[str, Any], run_dir: Path) -> st
     if strategy in ("zero1", "zero2", "zero3", "fsdp") and "RANK" not in os.environ:
         # a one-process world still needs a process group for DeepSpeed/FSDP
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     if world == 1 and strategy == "ddp" and "RANK" not in os.environ:
         from accelerate.state import AcceleratorState
 
@@ -361,11 +350,7 @@ def _losses(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
 
 
 def _complete_checkpoints(run_dir: Path) -> list[str]:
-    d = run_dir / "checkpoints"
-    if not d.is_dir():
-        return []
-    ck = [p for p in d.glob("checkpoint-*") if (p / "COMPLETE").is_file()]
-    return [str(p) for p in sorted(ck, key=lambda p: int(p.name.rsplit("-", 1)[-1]))]
+    return [str(p) for _, p, complete in checkpoints(run_dir / "checkpoints") if complete]
 
 
 def _checkpoint_step(path: Path) -> int:
@@ -448,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             result.setdefault("finished_at", time.time())
             result.update(_peak_memory())
             try:
-                _write_json(run_dir / "result.json", result)
+                write_json(run_dir / "result.json", result)
             except OSError:
                 pass
 

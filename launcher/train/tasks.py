@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.errors import FtlError
-from launcher.recipe import Recipe
+from launcher.core.errors import FtlError
+from launcher.spec.recipe import Recipe
 from launcher.train.data import data_kind, map_label
-from launcher.train.prompts import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, alpaca_prompt  # noqa: F401
+from launcher.spec.prompts import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, alpaca_prompt  # noqa: F401
 
 log = logging.getLogger("ftl.train")
 

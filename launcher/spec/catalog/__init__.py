@@ -1,4 +1,4 @@
-"""Data files about the world (model architectures, GPUs, prices) and their loaders.
+"""Data files about the world (model architectures, GPUs, prices, providers, calibration priors) and their loaders.
 
 A model reference resolves, in order: a catalog name or alias, a local directory with config.json,
 a hub id whose config.json was cached before, then (online only) a fetch of that one file.
@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from launcher.errors import FtlError, did_you_mean
+from launcher.core.errors import FtlError, did_you_mean
 
 CATALOG_DIR = Path(__file__).resolve().parent
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -36,7 +36,19 @@ def gpus() -> dict[str, dict[str, Any]]:
     return _load("gpus.yaml")
 
 
-def _index(table: dict[str, dict[str, Any]], extra: str | None = None) -> dict[str, str]:
+@lru_cache(maxsize=None)
+def provider_facts() -> dict[str, dict[str, Any]]:
+    """providers.yaml: API URLs, key variables, price endpoints and boot/download priors per rented provider."""
+    return _load("providers.yaml")
+
+
+@lru_cache(maxsize=None)
+def calibration() -> dict[str, dict[str, Any]]:
+    """calibration.yaml: the estimator's priors that are not tensor arithmetic (overhead, characters per token)."""
+    return _load("calibration.yaml")
+
+
+def index(table: dict[str, dict[str, Any]], extra: str | None = None) -> dict[str, str]:
     idx: dict[str, str] = {}
     for key, entry in table.items():
         names = [key, *(entry.get("aliases") or [])]
@@ -80,7 +92,7 @@ def _fetch_config(hub_id: str, dest: Path) -> dict[str, Any]:
 
 
 def resolve_model(ref: str) -> ModelSpec:
-    idx = _index(models(), "hub_id")
+    idx = index(models(), "hub_id")
     key = idx.get(ref.lower())
     if key:
         entry = models()[key]
@@ -126,7 +138,7 @@ class GpuSpec:
 
 
 def find_gpu(ref: str) -> GpuSpec:
-    idx = _index(gpus())
+    idx = index(gpus())
     key = idx.get(ref.lower()) or idx.get(ref.lower().replace(" ", "-"))
     if not key:
         raise FtlError(f"gpu = {ref!r}: not in the GPU catalog.{did_you_mean(ref, idx)} Known: {', '.join(gpus())}")
@@ -145,3 +157,15 @@ def find_gpu(ref: str) -> GpuSpec:
         intra_node_link=str(e.get("intra_node_link", "")),
         source=str(e.get("source", "")),
     )
+
+
+def gpu_key(*names: str | None) -> str | None:
+    """The catalog key of the first name the GPU catalog knows (providers name GPUs their own way)."""
+    for n in names:
+        if not n:
+            continue
+        try:
+            return find_gpu(n).key
+        except FtlError:
+            continue
+    return None

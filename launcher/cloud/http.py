@@ -10,33 +10,22 @@ A POST is not repeated after a 5xx or a lost response unless the caller says it 
 can answer 5xx yet create (and bill) the pod, so creates look themselves up by name instead (see
 `create_once`). 429s and refused connections are always safe to retry: nothing was done.
 
-Keys: the env var first (RUNPOD_API_KEY, LAMBDA_API_KEY, as `ftl prices` uses), then the credentials
-file $FTL_CONFIG_DIR/credentials.yaml (else $XDG_CONFIG_HOME/ftl/, else ~/.config/ftl/):
-
-    runpod:
-      api_key: rpa_...
-    lambda:
-      api_key: secret_...
-
-A file readable by group or others is used but warned about (chmod 600 it).
+Keys come from launcher.cloud.credentials.
 """
 
 from __future__ import annotations
 
 import json as jsonlib
 import logging
-import os
 import random
-import stat
 import time
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import httpx
-import yaml
 
-from launcher.prices import PROVIDERS, _provider_message, _scrub
-from launcher.providers.base import AuthError, ProviderError
+from launcher.cloud.base import AuthError, ProviderError, provider_message, scrub
+from launcher.cloud.credentials import base_url
+from launcher.spec.catalog import provider_facts
 
 log = logging.getLogger("ftl.providers")
 
@@ -48,48 +37,6 @@ RETRY_AFTER_CAP_S = 60.0  # a longer Retry-After is cut to this (RunPod's window
 IDEMPOTENT = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS"}
 
 T = TypeVar("T")
-
-
-# ---------------------------------------------------------------------------------------------
-# credentials
-
-
-def config_dir() -> Path:
-    root = os.environ.get("FTL_CONFIG_DIR") or os.path.join(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config", "ftl")
-    return Path(root)
-
-
-def credentials_path() -> Path:
-    return config_dir() / "credentials.yaml"
-
-
-def api_key(provider: str) -> str:
-    """The provider's key from its env var, else from the credentials file; AuthError naming both when absent."""
-    env = PROVIDERS[provider]["key_env"]
-    key = os.environ.get(env, "").strip()
-    if key:
-        return key
-    path = credentials_path()
-    if path.is_file():
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            log.warning("%s is readable by other users (mode %o): run chmod 600 %s", path, mode & 0o777, path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise AuthError(f"{provider}: cannot read {path} ({type(e).__name__}); set {env} instead", env,
-                            provider=provider) from None
-        block = data.get(provider) if isinstance(data, dict) else None
-        key = str((block or {}).get("api_key") or "").strip() if isinstance(block, dict) else ""
-        if key:
-            return key
-    raise AuthError(f"{provider}: no API key: set {env} (an API key from the {provider} console) "
-                    f"or put '{provider}: {{api_key: ...}}' in {path}", env, provider=provider)
-
-
-def base_url(provider: str) -> str:
-    cfg = PROVIDERS[provider]
-    return (os.environ.get(cfg["url_env"]) or cfg["url"]).rstrip("/")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,7 +63,7 @@ class JsonClient:
                  transport: httpx.BaseTransport | None = None):
         self.provider, self.base = provider, (base or base_url(provider)).rstrip("/")
         self._key = key
-        self.key_env = PROVIDERS[provider]["key_env"]
+        self.key_env = provider_facts()[provider]["key_env"]
         self.sleep, self.rng = sleep, rng
         self.attempts, self.backoff_s, self.retry_after_cap_s = max(1, attempts), backoff_s, retry_after_cap_s
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True, transport=transport,
@@ -129,7 +76,7 @@ class JsonClient:
         self._http.close()
 
     def scrub(self, text: str) -> str:
-        return _scrub(text, self._key)
+        return scrub(text, self._key)
 
     def _backoff(self, attempt: int) -> float:
         return min(self.backoff_s * 2 ** (attempt - 1), BACKOFF_CAP_S) * (0.5 + self.rng())
@@ -157,7 +104,7 @@ class JsonClient:
                 log.debug("%s %s %s -> %s (attempt %d)", self.provider, method, path, resp.status_code, attempt)
                 if resp.status_code < 400:
                     return self._decode(resp, method, path)
-                msg = self.scrub(_provider_message(resp.content or b"") or resp.reason_phrase)
+                msg = self.scrub(provider_message(resp.content or b"") or resp.reason_phrase)
                 code = _error_code(resp.content or b"")
                 last = f"HTTP {resp.status_code}: {msg}"
                 retryable = resp.status_code == 429 or (resp.status_code >= 500 and safe)

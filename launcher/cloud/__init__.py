@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.errors import did_you_mean
-from launcher.providers.base import (STATUSES, AuthError, Instance, NoCapacity, Offer, Provider, ProviderError,
+from launcher.core.errors import did_you_mean
+from launcher.cloud.base import (STATUSES, AuthError, Instance, NoCapacity, Offer, Provider, ProviderError,
                                      ProviderTimeout)
 
 NAMES = ("runpod", "lambda")
@@ -25,11 +25,11 @@ def get_provider(name: str, **options: Any) -> Provider:
     """
     n = name.strip().lower()
     if n == "runpod":
-        from launcher.providers.runpod import RunPod
+        from launcher.cloud.runpod import RunPod
 
         return RunPod(**options)
     if n in ("lambda", "lambda_cloud", "lambdalabs"):
-        from launcher.providers.lambda_cloud import Lambda
+        from launcher.cloud.lambda_cloud import Lambda
 
         return Lambda(**options)
     raise ProviderError(f"unknown provider {name!r}.{did_you_mean(name, NAMES)} Known: {', '.join(NAMES)}")

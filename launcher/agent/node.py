@@ -1,4 +1,4 @@
-"""What runs on each node of a SLURM or SSH launch: `python -m launcher.node --run-dir RUN_DIR`.
+"""What runs on each node of a SLURM, SSH or rented launch: `python -m launcher.agent --run-dir RUN_DIR`.
 
 Multi-node launches fail in dull ways: ranks that disagree on the world size, a main address that is
 not reachable, a node with fewer GPUs or another torch. So every node first checks itself and meets
@@ -14,7 +14,7 @@ the others before any training process starts (pre-flight):
    the check. A failure is written to `preflight/node-<rank>.json` and the node exits with 3.
 3. Node 0 also picks the checkpoint to resume from (the run directory's newest COMPLETE one), so a
    requeued job continues where it stopped and all nodes agree on where that is.
-4. The node then starts its `accelerate launch` line (launcher.runs.train_spec: machine rank, static
+4. The node then starts its `accelerate launch` line (launcher.render.train_spec: machine rank, static
    rendezvous on the same address and port), copies its output to `logs/node-<rank>.log` and stdout,
    forwards stop signals to it as SIGTERM (the trainer saves a checkpoint and stops) and writes its exit
    code to `logs/node-<rank>.exit`.
@@ -35,8 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-EXIT_PREFLIGHT = 3
-EXIT_INTERRUPTED = 143  # launcher.train.run.EXIT_INTERRUPTED: stopped on request after a COMPLETE checkpoint
+import launcher
+from launcher.core.files import read_json, utcnow, write_json
+from launcher.core.procs import EXIT_INTERRUPTED, EXIT_PREFLIGHT, free_port, group_alive, killpg, trap_signals
+from launcher.render import Plan, train_spec
+from launcher.rundir import Run, find_run
+from launcher.spec.recipe import recipe_from_dict
+
 SECRETS_VAR = "FTL_NODE_SECRETS"  # JSON of secret env, handed over by the SSH backend; never written
 GROUP_EXIT_WAIT_S = 120
 
@@ -72,9 +77,6 @@ def slurm_port(run_dir: Path, job_id: str, restart: str, rank: int, timeout: flo
     """The rendezvous port of a SLURM job: node 0 takes a free one on its host and writes it into the run
     directory (which every node sees: SLURM launches need a shared filesystem anyway); the others read it.
     One file per job and restart, so a requeued job never reads the port of its previous run."""
-    from launcher.render import free_port
-    from launcher.runs import read_json, write_json
-
     path = run_dir / "preflight" / f"port-{job_id}-{restart}.json"
     if rank == 0:
         path.parent.mkdir(exist_ok=True)
@@ -129,10 +131,8 @@ def slurm_place(run_dir: Path) -> Place:
 
 
 def node_facts(place: Place) -> dict[str, Any]:
-    import torch
+    import torch  # the torch boundary: only a node that is about to train pays for it
     import transformers
-
-    import launcher
 
     return {"rank": place.rank, "node": place.name, "python": sys.version.split()[0], "torch": torch.__version__,
             "transformers": transformers.__version__, "ftl": launcher.__version__,
@@ -241,7 +241,7 @@ def meet(place: Place, facts: dict[str, Any], decide: Callable[[list[dict[str, A
                          "NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME")
 
 
-def preflight(run: Any, plan: Any, place: Place) -> dict[str, Any]:
+def preflight(run: Run, plan: Any, place: Place) -> dict[str, Any]:
     """Check this node and meet the others; returns node 0's answer {ok, error, resume_from}."""
     facts = node_facts(place)
     facts["problems"] = own_problems(plan, facts)
@@ -257,18 +257,14 @@ def preflight(run: Any, plan: Any, place: Place) -> dict[str, Any]:
     return meet(place, facts, decide)
 
 
-def record_preflight(run: Any, place: Place, answer: dict[str, Any]) -> None:
-    from launcher.runs import write_json
-
+def record_preflight(run: Run, place: Place, answer: dict[str, Any]) -> None:
     d = run.dir / "preflight"
     d.mkdir(exist_ok=True)
     write_json(d / f"node-{place.rank}.json", {"place": asdict(place), **answer})
 
 
-def preflight_errors(run: Any) -> list[str]:
+def preflight_errors(run: Run) -> list[str]:
     """The pre-flight failures the nodes of a run recorded (for the backends' messages)."""
-    from launcher.runs import read_json
-
     errors = []
     for f in sorted((run.dir / "preflight").glob("node-*.json")):
         try:
@@ -288,10 +284,6 @@ class NodeProcess:
     """This node's `accelerate launch`, in its own process group, its output copied to the node log."""
 
     def __init__(self, run: Any, place: Place, resume_from: str | None, secrets: dict[str, str]):
-        from launcher.recipe import recipe_from_dict
-        from launcher.render import Plan
-        from launcher.runs import train_spec
-
         self.run, self.place = run, place
         recipe = recipe_from_dict(run.recipe_dict(), run.recipe_path)
         plan = Plan.from_json(run.plan())
@@ -331,10 +323,10 @@ class NodeProcess:
                     pass
         rc = self.proc.wait()
         deadline = time.monotonic() + GROUP_EXIT_WAIT_S
-        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _group_alive(self.proc.pid):
-            _killpg(self.proc.pid, signal.SIGKILL)
+        if group_alive(self.proc.pid):
+            killpg(self.proc.pid, signal.SIGKILL)
         self.returncode = rc
         self.done.set()
 
@@ -342,7 +334,7 @@ class NodeProcess:
         """Ask the trainer to save a checkpoint and stop (SIGTERM); SIGKILL kills the group now."""
         if self.proc is not None:
             self.stop_sent = True
-            _killpg(self.proc.pid, sig)
+            killpg(self.proc.pid, sig)
 
     def wait(self, timeout: float | None = None) -> int | None:
         self.done.wait(timeout)
@@ -355,21 +347,6 @@ def _ignore_user_signals() -> None:
     # them and leave the ranks orphaned. Ignored here, inherited through exec; the trainer re-installs.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
 
 
 def take_secrets() -> dict[str, str]:
@@ -388,8 +365,6 @@ class Node:
     """One node's whole life: pre-flight, training, exit code. `stop()` may come from a signal handler."""
 
     def __init__(self, run_dir: str | Path, place: Place | None = None):
-        from launcher.runs import find_run
-
         self.run = find_run(Path(run_dir))
         self.place = place
         self.proc: NodeProcess | None = None
@@ -408,8 +383,6 @@ class Node:
                 pass
 
     def run_node(self) -> int:
-        from launcher.render import Plan
-
         place = self.place or slurm_place(self.run.dir)
         self.place = place
         (self.run.dir / "logs").mkdir(exist_ok=True)
@@ -421,8 +394,6 @@ class Node:
             plan = Plan.from_json(self.run.plan())
             job_id = os.environ.get("SLURM_JOB_ID")
             if job_id and place.rank == 0:  # also makes a hand-submitted export visible to ftl status/cancel
-                from launcher.runs import utcnow
-
                 st = self.run.state()
                 self.run.update_state(status="running", started=st.get("started") or utcnow(), ended=None,
                                       slurm={**(st.get("slurm") or {}), "job_id": job_id})
@@ -494,7 +465,7 @@ class SlurmNodeTask:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m launcher.node", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m launcher.agent", description=__doc__.split("\n\n")[0])
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--machine-rank", type=int, help="this node's rank (default: SLURM_NODEID)")
     ap.add_argument("--nodes", type=int, help="node count (default: from the job)")
@@ -517,10 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             node.stop()
 
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(s, on_signal)
     try:
-        rc = node.run_node()
+        with trap_signals(on_signal, (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)):
+            rc = node.run_node()
     except PreflightError as e:
         sys.stderr.write(f"[ftl node] pre-flight failed: {e}\n")
         return EXIT_PREFLIGHT
@@ -540,7 +510,3 @@ def requeue_after_signal(node: Node, rc: int, seen: list[int]) -> None:
     sys.stderr.write(f"[ftl node] requeued SLURM job {job_id}" if r.returncode == 0 else
                      f"[ftl node] could not requeue SLURM job {job_id}: {r.stderr.strip()}")
     sys.stderr.write("\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

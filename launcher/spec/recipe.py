@@ -8,15 +8,16 @@ override the profile; `--set cluster.gpus_per_node=8` writes into that mapping.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from launcher.errors import RecipeError, did_you_mean
+from launcher.core.errors import FtlError, RecipeError, did_you_mean
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # launcher/
 BUILTIN_LOCAL_PROFILE = "local"
 
 Method = Literal["full", "freeze", "lora", "qlora"]
@@ -24,9 +25,11 @@ Task = Literal["sft", "dapt", "classification", "dpo"]
 Precision = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
 Strategy = Literal["auto", "ddp", "zero1", "zero2", "zero3", "fsdp"]
+STRATEGIES: tuple[str, ...] = tuple(s for s in get_args(Strategy) if s != "auto")  # what a run can really use
 Offload = Literal["none", "optimizer", "params"]
 AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
 Provider = Literal["local", "slurm", "ssh", "runpod", "lambda"]
+RENTED: tuple[str, ...] = ("runpod", "lambda")  # providers whose machines ftl rents (facts: catalog/providers.yaml)
 
 
 class _Strict(BaseModel):
@@ -405,3 +408,28 @@ def recipe_from_dict(
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:
     """The resolved recipe as plain data (what a run directory records)."""
     return recipe.model_dump(mode="json")
+
+
+def load_profiles(refs: Sequence[str | Path] | None = None) -> tuple[list[Cluster], list[str]]:
+    """Cluster profiles from files and folders (default: the shipped cluster/ folder), with their paths."""
+    refs = list(refs or [builtin_cluster_dir()])
+    files: list[Path] = []
+    for ref in refs:
+        p = Path(ref).expanduser()
+        if p.is_dir():
+            files += sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml"))
+        elif p.is_file():
+            files.append(p)
+        elif (builtin_cluster_dir() / p.name).with_suffix(".yaml").is_file():
+            files.append((builtin_cluster_dir() / p.name).with_suffix(".yaml"))
+        else:
+            raise FtlError(f"--clusters {ref}: no such file or folder; give cluster profile YAML files or a folder of them")
+    clusters, paths = [], []
+    for f in files:
+        raw = yaml.safe_load(f.read_text())
+        cl = load_cluster(f, None if isinstance(raw, dict) and raw.get("name") else {"name": f.stem})
+        clusters.append(cl)
+        paths.append(str(f))
+    if not clusters:
+        raise FtlError(f"--clusters {', '.join(map(str, refs))}: no cluster profiles (*.yaml) found")
+    return clusters, paths

@@ -2,6 +2,9 @@
 
 Every price is on-demand USD per GPU-hour for one GPU catalog key, in one provider tier:
 
+Where each provider's prices come from is data (catalog/providers.yaml); the calls go through the one HTTP
+client of the providers (launcher.cloud.http):
+
 * runpod / secure, runpod / community: `GET {FTL_RUNPOD_API_URL or https://api.runpod.io}/v2/catalog/gpus`
   with `Authorization: Bearer $RUNPOD_API_KEY`; `price.secure` / `price.community` are USD per GPU.
 * lambda / on-demand: `GET {FTL_LAMBDA_API_URL or https://cloud.lambda.ai}/api/v1/instance-types` with
@@ -11,8 +14,8 @@ Every price is on-demand USD per GPU-hour for one GPU catalog key, in one provid
 When several provider types map to one catalog key (RunPod's A100 SXM and PCIe 80GB, Lambda's 1x and
 8x H100 SXM) the lowest per-GPU price is kept, and its provider type is shown beside it.
 Live prices are cached in $FTL_CACHE/prices.json (else ~/.cache/ftl/prices.json) and win over the
-shipped ones for the same provider, tier and GPU. API keys are read from the environment only and are
-never printed, logged or written.
+shipped ones for the same provider, tier and GPU. API keys (the env var, else the credentials file, as
+for renting) are never printed, logged or written.
 """
 
 from __future__ import annotations
@@ -22,17 +25,19 @@ import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import yaml
 
-from launcher.catalog import CATALOG_DIR, find_gpu
-from launcher.errors import FtlError
+from launcher.cloud.base import AuthError, ProviderError
+from launcher.cloud.credentials import api_key
+from launcher.core.errors import FtlError
+from launcher.core.files import write_atomic
+from launcher.spec.catalog import CATALOG_DIR, find_gpu, gpu_key, provider_facts
+from launcher.spec.recipe import RENTED
 
 STALE_DAYS = 30
 TIMEOUT_S = 15.0  # per HTTP call
@@ -40,12 +45,7 @@ ATTEMPTS = 4  # first try + 3 retries on 429 / 5xx / network errors
 BACKOFF_S = 1.0  # doubled after each retry; a 429's Retry-After wins (capped)
 RETRY_AFTER_CAP_S = 30.0
 
-PROVIDERS = {
-    "runpod": {"key_env": "RUNPOD_API_KEY", "url_env": "FTL_RUNPOD_API_URL", "url": "https://api.runpod.io",
-               "path": "/v2/catalog/gpus", "source": "https://api.runpod.io/v2/catalog/gpus"},
-    "lambda": {"key_env": "LAMBDA_API_KEY", "url_env": "FTL_LAMBDA_API_URL", "url": "https://cloud.lambda.ai",
-               "path": "/api/v1/instance-types", "source": "https://cloud.lambda.ai/api/v1/instance-types"},
-}
+PROVIDERS = RENTED  # whose live prices ftl reads (facts: catalog/providers.yaml)
 
 
 class PriceError(FtlError):
@@ -148,83 +148,6 @@ def lookup(provider: str, gpu: str, tier: str | None = None) -> Price | None:
 # HTTP
 
 
-def _provider_message(body: bytes) -> str:
-    """The human part of a provider's error body (RunPod problem+json / {message}; Lambda {error:{...}})."""
-    text = body.decode("utf-8", "replace").strip()
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError:
-        return text[:300]
-    if isinstance(d, dict):
-        if isinstance(d.get("error"), dict):  # Lambda
-            e = d["error"]
-            parts = [f"{e.get('code')}: {e.get('message')}" if e.get("code") else str(e.get("message"))]
-            if e.get("suggestion"):
-                parts.append(str(e["suggestion"]))
-            return " ".join(parts)
-        if d.get("detail") or d.get("title"):  # RunPod v2 problem+json
-            msg = str(d.get("detail") or d.get("title"))
-            if d.get("errors"):
-                msg += " (" + "; ".join(map(str, d["errors"])) + ")"
-            return msg
-        if d.get("message"):  # RunPod v1
-            return str(d["message"])
-        if isinstance(d.get("errors"), list) and d["errors"]:  # GraphQL
-            return "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in d["errors"])
-    return text[:300]
-
-
-def _scrub(text: str, secret: str) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
-def get_json(provider: str, url: str, key: str, sleep: Callable[[float], None] = time.sleep) -> Any:
-    """GET url with the provider's bearer auth: timeout on every call, retries with backoff on 429/5xx/network."""
-    last = ""
-    delay = float(os.environ.get("FTL_PRICES_BACKOFF_S") or BACKOFF_S)
-    for attempt in range(1, ATTEMPTS + 1):
-        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}", "Accept": "application/json",
-                                                   "User-Agent": "ftl-prices"})
-        wait = delay
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
-                body = resp.read()
-            try:
-                return json.loads(body)
-            except json.JSONDecodeError:
-                raise PriceError(f"{provider}: {url} did not answer JSON: {_scrub(body[:200].decode('utf-8', 'replace'), key)}") from None
-        except urllib.error.HTTPError as e:
-            msg = _scrub(_provider_message(e.read() or b""), key)
-            last = f"HTTP {e.code}: {msg}"
-            if e.code != 429 and e.code < 500:
-                hint = f" (check {PROVIDERS[provider]['key_env']})" if e.code in (401, 403) else ""
-                raise PriceError(f"{provider}: {url} answered {last}{hint}") from None
-            ra = e.headers.get("Retry-After") if e.headers else None
-            if e.code == 429 and ra is not None:
-                try:
-                    wait = min(float(ra), RETRY_AFTER_CAP_S)
-                except ValueError:
-                    pass
-        except (urllib.error.URLError, TimeoutError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            last = _scrub(f"{type(reason).__name__}: {reason}", key)
-        if attempt < ATTEMPTS:
-            sleep(wait)
-            delay *= 2
-    raise PriceError(f"{provider}: {url} failed after {ATTEMPTS} attempts; last: {last}")
-
-
-def _gpu_key(*names: str | None) -> str | None:
-    for n in names:
-        if not n:
-            continue
-        try:
-            return find_gpu(n).key
-        except FtlError:
-            continue
-    return None
-
-
 def _keep_lowest(rows: dict[tuple[str, str], Price], p: Price) -> None:
     k = (p.tier, p.gpu)
     if k not in rows or p.usd_per_gpu_hour < rows[k].usd_per_gpu_hour:
@@ -238,9 +161,9 @@ def parse_runpod(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
         raise PriceError("runpod: the answer has no 'gpus' list")
     rows: dict[tuple[str, str], Price] = {}
     unknown = []
-    src = PROVIDERS["runpod"]["source"]
+    src = provider_facts()["runpod"]["prices_source"]
     for g in gpus:
-        key = _gpu_key(g.get("id"), g.get("name"))
+        key = gpu_key(g.get("id"), g.get("name"))
         if key is None:
             unknown.append(str(g.get("id")))
             continue
@@ -263,7 +186,7 @@ def parse_lambda(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
         raise PriceError("lambda: the answer has no 'data' map of instance types")
     rows: dict[tuple[str, str], Price] = {}
     unknown = []
-    src = PROVIDERS["lambda"]["source"]
+    src = provider_facts()["lambda"]["prices_source"]
     for name, entry in types.items():
         it = (entry or {}).get("instance_type") or {}
         name = it.get("name") or name
@@ -273,7 +196,7 @@ def parse_lambda(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
         if n <= 0 or "general" in name or cents is None:
             continue  # CPU-only types
         desc = str(it.get("gpu_description") or "")
-        key = _gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
+        key = gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
         if key is None:
             unknown.append(name)
             continue
@@ -282,22 +205,29 @@ def parse_lambda(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
     return list(rows.values()), unknown
 
 
-def _base(provider: str) -> str:
-    cfg = PROVIDERS[provider]
-    return (os.environ.get(cfg["url_env"]) or cfg["url"]).rstrip("/")
-
-
 def fetch(provider: str, now: dt.datetime | None = None) -> tuple[list[Price], list[str]]:
-    """Live prices of one provider; PriceError naming the env var when its key is not set."""
+    """Live prices of one provider through the providers' HTTP client (timeouts, retries on 429/5xx, the key
+    scrubbed); PriceError naming the env var when no key is configured."""
     if provider not in PROVIDERS:
         raise PriceError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
-    cfg = PROVIDERS[provider]
-    key = os.environ.get(cfg["key_env"], "").strip()
-    if not key:
-        raise PriceError(f"{provider}: set {cfg['key_env']} to read live prices (an API key from the {provider} console); "
-                         "showing the shipped prices")
+    facts = provider_facts()[provider]
+    try:
+        key = api_key(provider)
+    except AuthError:
+        raise PriceError(f"{provider}: set {facts['key_env']} to read live prices (an API key from the {provider} "
+                         "console); showing the shipped prices") from None
+    from launcher.cloud.http import JsonClient  # httpx boundary: `ftl prices` without --refresh stays light
+
     fetched_at = (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
-    data = get_json(provider, _base(provider) + cfg["path"], key)
+    client = JsonClient(provider, key, sleep=time.sleep, timeout_s=TIMEOUT_S, attempts=ATTEMPTS,
+                        backoff_s=float(os.environ.get("FTL_PRICES_BACKOFF_S") or BACKOFF_S),
+                        retry_after_cap_s=RETRY_AFTER_CAP_S)
+    try:
+        data = client.request("GET", facts["prices_path"])
+    except ProviderError as e:
+        raise PriceError(str(e)) from None
+    finally:
+        client.close()
     return (parse_runpod if provider == "runpod" else parse_lambda)(data, fetched_at)
 
 
@@ -318,8 +248,6 @@ def refresh(providers: Iterable[str] | None = None, now: dt.datetime | None = No
     if any(s["ok"] for s in summary.values()):
         p = cache_path()
         p.parent.mkdir(parents=True, exist_ok=True)
-        from launcher.runs import write_atomic
-
         write_atomic(p, json.dumps(cache, indent=1) + "\n", mode=0o600)
     return summary
 

@@ -16,11 +16,11 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from launcher.catalog import find_gpu
-from launcher.errors import FtlError
-from launcher.prices import _gpu_key
-from launcher.providers.base import Instance, NoCapacity, Offer, Provider, ProviderError, ProviderTimeout
-from launcher.providers.http import JsonClient, api_key, create_once
+from launcher.spec.catalog import find_gpu, gpu_key
+from launcher.core.errors import FtlError
+from launcher.cloud.base import Instance, NoCapacity, Offer, Provider, ProviderError, ProviderTimeout
+from launcher.cloud.credentials import api_key
+from launcher.cloud.http import JsonClient, create_once
 
 DEFAULT_IMAGE = "runpod/pytorch:1.0.2-cu1281-torch280-ubuntu2404"  # the spec's example image
 DEFAULT_DISK_GB = 50
@@ -87,7 +87,7 @@ class RunPod(Provider):
                 usd = (g.get("price") or {}).get(tier)
                 if not g.get(tier) or not usd or gpus > int((g.get("maxCount") or {}).get(tier) or 0):
                     continue
-                key = _gpu_key(g.get("id"), g.get("name"))
+                key = gpu_key(g.get("id"), g.get("name"))
                 if not _matches(gpu, key, str(g["id"])):
                     continue
                 price = round(float(usd) * gpus, 4)

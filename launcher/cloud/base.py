@@ -6,14 +6,45 @@ so RunPod pods, RunPod Instant Cluster members and Lambda instances all come bac
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
-from launcher.errors import FtlError
+from launcher.core.errors import FtlError
 
 STATUSES = ("pending", "running", "stopped", "terminated", "error")
+
+
+def provider_message(body: bytes) -> str:
+    """The human part of a provider's error body (RunPod problem+json / {message}; Lambda {error:{...}})."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        return text[:300]
+    if isinstance(d, dict):
+        if isinstance(d.get("error"), dict):  # Lambda
+            e = d["error"]
+            parts = [f"{e.get('code')}: {e.get('message')}" if e.get("code") else str(e.get("message"))]
+            if e.get("suggestion"):
+                parts.append(str(e["suggestion"]))
+            return " ".join(parts)
+        if d.get("detail") or d.get("title"):  # RunPod v2 problem+json
+            msg = str(d.get("detail") or d.get("title"))
+            if d.get("errors"):
+                msg += " (" + "; ".join(map(str, d["errors"])) + ")"
+            return msg
+        if d.get("message"):  # RunPod v1
+            return str(d["message"])
+        if isinstance(d.get("errors"), list) and d["errors"]:  # GraphQL
+            return "; ".join(str(e.get("message", e)) if isinstance(e, dict) else str(e) for e in d["errors"])
+    return text[:300]
+
+
+def scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
 
 
 @dataclass(frozen=True)
@@ -21,7 +52,7 @@ class Offer:
     """One thing that can be rented now: a GPU type x count in a region (and RunPod cloud tier)."""
 
     provider: str
-    gpu: str | None  # ftl GPU catalog key (launcher/catalog/gpus.yaml), None when the catalog lacks it
+    gpu: str | None  # ftl GPU catalog key (launcher/spec/catalog/gpus.yaml), None when the catalog lacks it
     gpu_type: str  # the provider's id: RunPod gpuTypeId, Lambda instance-type name
     gpus: int  # GPUs per instance
     price_per_hour: float  # USD per hour for the whole instance

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from launcher.errors import FtlError
+from launcher.core.errors import FtlError
+from launcher.spec.catalog import resolve_model
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 
@@ -22,12 +23,10 @@ def _offline() -> bool:
 
 def prefetch(recipe: Any) -> str | None:
     """The local folder of the recipe's weights (downloading them if needed); None for a local model."""
-    from launcher.catalog import resolve_model
-
     spec = resolve_model(recipe.model)
     if spec.origin == "local" or not spec.hub_id:
         return None
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download  # third-party, only when weights must be fetched
     from huggingface_hub.constants import HF_HUB_CACHE
 
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from launcher.errors import FtlError
+from launcher.core.errors import FtlError
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 

@@ -18,27 +18,31 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher.runs import Run, read_json, read_metrics, write_json
+from launcher.core.files import iso_epoch, read_json, write_json
+from launcher.rundir.run import Run, read_metrics
 
 PEAK_KEYS = ("peak_memory_bytes", "peak_allocated_bytes", "max_memory_allocated_bytes", "max_memory_allocated",
              "peak_reserved_bytes", "max_memory_reserved")
 
 
-def _epoch(iso: str | None) -> float | None:
-    if not iso:
-        return None
-    try:
-        t = dt.datetime.fromisoformat(str(iso))
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
-    return t.timestamp()
+def spend(instances: list[dict[str, Any]], now: float | None = None) -> float:
+    """USD so far of rented instances: each one's hourly price x the time since the provider created it (until
+    it was terminated)."""
+    now = time.time() if now is None else now
+    total = 0.0
+    for i in instances:
+        start = iso_epoch(i.get("created_at"))
+        if start is None or not i.get("price_per_hour"):
+            continue
+        end = iso_epoch(i.get("terminated_at")) or now
+        total += float(i["price_per_hour"]) * max(0.0, end - start) / 3600
+    return total
 
 
 def _ratio(actual: float | None, predicted: float | None) -> float | None:
@@ -123,7 +127,7 @@ def build_cost(run: Run) -> dict[str, Any]:
     est = plan.get("estimate") or {}
     device = plan.get("device") or "cpu"
     world = int(plan.get("world_size") or est.get("world_size") or 1)
-    t0, t1 = _epoch(st.get("started")), _epoch(st.get("ended"))
+    t0, t1 = iso_epoch(st.get("started")), iso_epoch(st.get("ended"))
     wall = round(t1 - t0, 3) if t0 is not None and t1 is not None else None
     gpus = world if device == "cuda" else 0
     gpu_hours = round(wall / 3600 * gpus, 6) if wall is not None else None
@@ -131,8 +135,6 @@ def build_cost(run: Run) -> dict[str, Any]:
     cost = round(gpu_hours * price, 6) if gpu_hours is not None else None
     cost_from = "GPU-hours × price"
     if st.get("instances"):  # rented: what the provider bills, from each instance's creation to its termination
-        from launcher.backends.rental import spend
-
         cost, cost_from = round(spend(st["instances"]), 6), "rented instances: price × time from creation to termination"
     step_s, steps, step_how = measured_step_time(run)
     peak, peak_where = measured_peak(run)

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from launcher.catalog import ModelSpec, find_gpu, resolve_model
-from launcher.durations import format_duration, parse_duration  # noqa: F401 (parse_duration: part of plan's API)
-from launcher.errors import FtlError
+from launcher.core.durations import format_duration
+from launcher.core.errors import FtlError
 from launcher.estimate.arch import Arch
 from launcher.estimate.compute import total_cost
+from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
-from launcher.recipe import Cluster, Parallel, Recipe, builtin_cluster_dir, load_cluster
+from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
+from launcher.spec.recipe import RENTED, Cluster, Parallel, Recipe
 
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
@@ -40,9 +41,6 @@ MULTI_GPU_STRATEGIES: tuple[tuple[str, str], ...] = (
 # On one GPU sharding does nothing; ZeRO-Offload still moves the optimizer (and ZeRO-3 the parameters) to the host.
 SINGLE_GPU_STRATEGIES: tuple[tuple[str, str], ...] = (("ddp", "none"), ("zero2", "optimizer"), ("zero3", "params"))
 
-RENTED = ("runpod", "lambda")
-DEFAULT_BOOT_S = {"runpod": 120.0, "lambda": 300.0}
-DEFAULT_DOWNLOAD_GBPS = 1.0  # GB/s, rented targets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,9 +173,9 @@ def _pow2_upto(n: int) -> list[int]:
 
 def setup_seconds(cluster: Cluster, weight_bytes: int) -> float:
     """Instance boot plus weight download before the first step: rented targets only, unless the profile sets them."""
-    rented = cluster.provider in RENTED
-    boot = cluster.boot_seconds if cluster.boot_seconds is not None else DEFAULT_BOOT_S.get(cluster.provider, 0.0)
-    bw = cluster.download_bandwidth_gbps if cluster.download_bandwidth_gbps is not None else (DEFAULT_DOWNLOAD_GBPS if rented else None)
+    facts = provider_facts().get(cluster.provider, {}) if cluster.provider in RENTED else {}
+    boot = cluster.boot_seconds if cluster.boot_seconds is not None else float(facts.get("boot_seconds") or 0.0)
+    bw = cluster.download_bandwidth_gbps if cluster.download_bandwidth_gbps is not None else facts.get("download_bandwidth_gbps")
     download = weight_bytes / (bw * 1e9) if bw else 0.0
     return float(boot) + download
 
@@ -218,8 +216,6 @@ def enumerate_candidates(
     worlds: dict[int, list[tuple[int, int]]] | None = None,
 ) -> tuple[list[Candidate], list[str]]:
     """Estimate every candidate; returns them (fitting or not) and the profiles skipped with why."""
-    from launcher.estimate.estimator import build_arch, estimate_arch
-
     spec = spec or resolve_model(recipe.model)
     arch = arch or build_arch(recipe, spec)
     paths = list(cluster_paths) if cluster_paths is not None else [None] * len(clusters)
@@ -261,12 +257,12 @@ def enumerate_candidates(
                         for so in so_list:
                             par = pars.get(so) or Parallel.model_construct(strategy=so[0], offload=so[1])
                             r = mr.model_copy(update={"train": trains[tk], "parallel": par, "cluster": cl})
-                            e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False, memo=memo)
+                            e = estimate_arch(r, spec, arch, strategy=so[0], memo=memo)
                             out.append(_candidate(e, prof, ppath, gpu.key, gpu.name, weight_bytes, len(out)))
     return out, skipped
 
 
-def _candidate(e, prof: Cluster, ppath: str | None, gpu_key: str, gpu_name: str, weight_bytes: int, index: int) -> Candidate:
+def _candidate(e: Estimate, prof: Cluster, ppath: str | None, gpu_key: str, gpu_name: str, weight_bytes: int, index: int) -> Candidate:
     r = e.recipe
     cl = r.cluster
     cpu_ok = cl.cpu_memory_gib is None or e.memory.states.cpu <= cl.cpu_memory_gib * GiB
@@ -459,8 +455,6 @@ def choose_strategy(recipe: Recipe, spec: ModelSpec | None = None, arch: Arch | 
 
 
 def _single_world(recipe: Recipe, strategies, spec, arch) -> tuple[list[Candidate], list[str]]:
-    from launcher.estimate.estimator import build_arch, estimate_arch
-
     spec = spec or resolve_model(recipe.model)
     arch = arch or build_arch(recipe, spec)
     gpu = find_gpu(recipe.cluster.gpu)  # type: ignore[arg-type]
@@ -468,84 +462,92 @@ def _single_world(recipe: Recipe, strategies, spec, arch) -> tuple[list[Candidat
     memo = Memo()
     for so in strategies:
         r = recipe.model_copy(update={"parallel": Parallel.model_construct(strategy=so[0], offload=so[1])})
-        e = estimate_arch(r, spec, arch, strategy=so[0], suggest=False, memo=memo)
+        e = estimate_arch(r, spec, arch, strategy=so[0], memo=memo)
         out.append(_candidate(e, recipe.cluster, None, gpu.key, gpu.name, 0, len(out)))
     return out, []
 
 
-# ---------------------------------------------------------------------------------------------
-# Profiles and durations
-
-
-def load_profiles(refs: Sequence[str | Path] | None = None) -> tuple[list[Cluster], list[str]]:
-    """Cluster profiles from files and folders (default: the shipped cluster/ folder), with their paths."""
-    refs = list(refs or [builtin_cluster_dir()])
-    files: list[Path] = []
-    for ref in refs:
-        p = Path(ref).expanduser()
-        if p.is_dir():
-            files += sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml"))
-        elif p.is_file():
-            files.append(p)
-        elif (builtin_cluster_dir() / p.name).with_suffix(".yaml").is_file():
-            files.append((builtin_cluster_dir() / p.name).with_suffix(".yaml"))
-        else:
-            raise FtlError(f"--clusters {ref}: no such file or folder; give cluster profile YAML files or a folder of them")
-    clusters, paths = [], []
-    for f in files:
-        import yaml
-
-        raw = yaml.safe_load(f.read_text())
-        cl = load_cluster(f, None if isinstance(raw, dict) and raw.get("name") else {"name": f.stem})
-        clusters.append(cl)
-        paths.append(str(f))
-    if not clusters:
-        raise FtlError(f"--clusters {', '.join(map(str, refs))}: no cluster profiles (*.yaml) found")
-    return clusters, paths
+def resolve_strategy(recipe: Recipe, spec: ModelSpec | None = None, arch: Arch | None = None) -> str:
+    """The recipe's strategy, with `auto` replaced by the planner's choice for its own cluster and world size."""
+    s = recipe.parallel.strategy
+    if s != "auto":
+        return s
+    return choose_strategy(recipe, spec, arch)
 
 
 # ---------------------------------------------------------------------------------------------
-# Plot
-
-PLOT_SIZE_PX = (1000, 600)  # width, height of the PNG --plot writes
-PLOT_DPI = 100
+# The estimate of one recipe, and what would make it fit
 
 
-def write_plot(res: PlanResult, path: str | Path) -> Path:
-    """A PNG scatter of total time vs cost of the fitting candidates, the Pareto frontier as a line
-    with labels, and the chosen plan circled. matplotlib (Agg) is imported only here."""
-    try:
-        import matplotlib
+def estimate(recipe: Recipe, strategy: str | None = None, suggest: bool = True) -> Estimate:
+    """`ftl estimate`: the recipe's estimate under its strategy (auto resolved here), with the single changes
+    that would make it fit when it does not."""
+    spec = resolve_model(recipe.model)
+    arch = build_arch(recipe, spec)
+    est = estimate_arch(recipe, spec, arch, strategy=strategy or resolve_strategy(recipe, spec, arch))
+    if suggest and est.fits is False:
+        est.suggestions = suggestions(est)
+    return est
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise FtlError("--plot needs matplotlib: pip install matplotlib") from None
-    path = Path(path)
-    fit = res.fitting
-    fig, ax = plt.subplots(figsize=(PLOT_SIZE_PX[0] / PLOT_DPI, PLOT_SIZE_PX[1] / PLOT_DPI), dpi=PLOT_DPI)
-    try:
-        profiles = sorted({c.profile for c in fit})
-        for i, prof in enumerate(profiles):
-            pts = [c for c in fit if c.profile == prof]
-            ax.scatter([c.total_time_s / 3600 for c in pts], [c.cost_usd for c in pts], s=12, alpha=0.5,
-                       label=prof, color=plt.cm.tab10(i % 10))
-        front = res.frontier
-        ax.plot([c.total_time_s / 3600 for c in front], [c.cost_usd for c in front], "-o", color="black",
-                lw=1.2, ms=4, label="Pareto frontier")
-        for c in front:
-            ax.annotate(f"{c.label}\n{c.profile}", (c.total_time_s / 3600, c.cost_usd), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-        ch = res.chosen
-        ax.scatter([ch.total_time_s / 3600], [ch.cost_usd], s=160, facecolors="none", edgecolors="red", lw=1.5,
-                   label=f"chosen ({res.objective})")
-        ax.set_xscale("log")
-        ax.set_xlabel("total time (hours, log scale)")
-        ax.set_ylabel("total cost (USD)")
-        ax.set_title(f"{res.recipe.name}: {len(fit)} fitting candidates")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
-        fig.savefig(path, dpi=PLOT_DPI, format="png")
-    finally:
-        plt.close(fig)
-    return path
+
+def _variants(r: Recipe, strategy: str, world: int) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    t = r.train
+    if not t.gradient_checkpointing:
+        out.append(("enable gradient checkpointing (about 1/3 more compute)", {"train.gradient_checkpointing": True}))
+    if t.micro_batch_size > 1:
+        out.append((f"micro_batch_size 1 with grad_accum {t.grad_accum * t.micro_batch_size} (same global batch)",
+                    {"train.micro_batch_size": 1, "train.grad_accum": t.grad_accum * t.micro_batch_size}))
+    if t.optimizer == "adamw" and r.method in ("full", "freeze"):
+        out.append(("8-bit AdamW (bitsandbytes)", {"train.optimizer": "adamw_8bit"}))
+    if world > 1 and strategy not in ("zero3", "fsdp"):
+        out.append(("shard everything with ZeRO-3", {"parallel.strategy": "zero3"}))
+    if r.parallel.offload == "none" and r.method in ("full", "freeze"):
+        out.append(("offload optimizer states to CPU (ZeRO)", {"parallel.offload": "optimizer", "parallel.strategy": "zero3" if world > 1 else "zero2"}))
+    if r.method == "full":
+        out.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
+    if r.method == "lora":
+        out.append(("QLoRA (4-bit NF4 base)", {"method": "qlora"}))
+    return out
+
+
+def _with(r: Recipe, changes: dict[str, Any]) -> Recipe:
+    new = r.model_copy(deep=True)
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node: Any = new
+        for k in parents:
+            node = getattr(node, k)
+        setattr(node, last, value)  # validate_assignment checks the value
+    return new
+
+
+def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
+    """Single changes that make the recipe fit, in order of how little they cost in speed and quality."""
+    r = est.recipe
+    out: list[dict[str, Any]] = []
+    for label, changes in _variants(r, est.strategy, est.world_size):
+        try:
+            alt = _with(r, changes)
+            if "parallel.strategy" in changes or r.parallel.strategy != "auto":
+                strategy = changes.get("parallel.strategy", est.strategy)
+            else:  # an auto recipe: its strategy is chosen again for the changed recipe
+                strategy = resolve_strategy(alt, est.model, est.arch)
+            e = estimate_arch(alt, est.model, est.arch, strategy=strategy)
+        except Exception:  # a variant that does not validate is simply not suggested
+            continue
+        if e.fits:
+            out.append({"change": label, "set": changes, "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
+                        "step_time_s": e.step_time_s})
+        if len(out) >= limit:
+            break
+    if est.gpu is not None:  # the smallest catalog GPU with more memory that holds it
+        for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
+            if gpus()[g]["memory_bytes_reported"] <= est.gpu.memory_bytes:
+                continue
+            e = estimate_arch(_with(r, {"cluster.gpu": g}), est.model, est.arch, strategy=est.strategy)
+            if e.fits:
+                out.append({"change": f"a GPU with more memory: {e.gpu.name}", "set": {"cluster.gpu": g},
+                            "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes, "step_time_s": e.step_time_s})
+                break
+    return out

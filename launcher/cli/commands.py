@@ -1,7 +1,9 @@
-"""`ftl`: parse, call the library, render with rich. No logic beyond that lives here."""
+"""The `ftl` commands: parse, call the library, render (launcher.cli.views). No logic beyond that lives here."""
 
 from __future__ import annotations
 
+import datetime as dt
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -13,8 +15,26 @@ from rich.markup import escape
 from rich.table import Table
 
 from launcher import __version__
-from launcher.durations import format_duration as duration
-from launcher.errors import FtlError
+from launcher.backends import get_backend
+from launcher.backends.rental import fleet
+from launcher.backends.slurm import export_sbatch, path_for_export
+from launcher.cloud import prices as P
+from launcher.core.durations import format_duration as duration
+from launcher.core.durations import parse_duration
+from launcher.core.errors import FtlError
+from launcher.core.files import write_atomic
+from launcher.estimate.arch import arch_from_config
+from launcher.estimate.search import estimate as run_estimate
+from launcher.estimate.search import plan as run_plan
+from launcher.launch import expected, prepare_launch, prepare_resume, render_files, run_status, write_run
+from launcher.rundir import find_run, list_runs, newest_run, runs_root
+from launcher.rundir.cost import report
+from launcher.spec.catalog import find_gpu, provider_facts
+from launcher.spec.catalog import gpus as catalog_gpus
+from launcher.spec.catalog import models as catalog_models
+from launcher.spec.recipe import RENTED, load_profiles, load_recipe
+from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate,
+                                write_plot)
 
 app = typer.Typer(
     name="ftl",
@@ -23,91 +43,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
-
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.micro_batch_size=4 (repeatable; cluster.* reaches the profile).")
 ClusterOpt = typer.Option(None, "--cluster", "-c", help="Cluster profile YAML (overrides the recipe's 'cluster').")
 GpusOpt = typer.Option(None, "--gpus-per-node", help="GPUs (or CPU processes without a GPU) per node.")
 NodesOpt = typer.Option(None, "--nodes", help="Number of nodes.")
-
-
-def _fail(e: Exception) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def gib(n: int | float | None) -> str:
-    return "—" if n is None else f"{n / 1024**3:,.2f} GiB"
-
-
-def _sci(x: float) -> str:
-    return f"{x:.3e}"
-
-
-def render_estimate(d: dict[str, Any]) -> None:
-    m, pd = d["model"], d["per_device"]
-    title = (f"[bold]{d['recipe']}[/]: {m['name']} · {d['method']} · {d['task']} · "
-             f"{d['strategy']} on {d['nodes']}×{d['gpus_per_node']} {d['gpu']['name'] or '(no GPU)'}")
-    console.print(title)
-    active = f" ({m['params_active']:,} active)" if m["params_active"] != m["params_total"] else ""
-    console.print(f"parameters: {m['params_total']:,} total{active}, {m['params_trainable']:,} trainable "
-                  f"({100 * m['params_trainable'] / m['params_total']:.3g}%)")
-
-    t = Table(title="memory per device", title_justify="left", show_edge=False)
-    t.add_column("what")
-    t.add_column("bytes", justify="right")
-    t.add_column("GiB", justify="right")
-    lines = [
-        ("weights", pd["weights_bytes"]),
-        ("gradients", pd["gradients_bytes"]),
-        ("optimizer states", pd["optimizer_bytes"]),
-        ("activations (saved for backward)", pd["activations_bytes"]),
-        ("logits and loss", pd["logits_bytes"]),
-        ("backward workspace", pd["backward_transient_bytes"]),
-        ("optimizer-step temporaries", pd["optimizer_step_temp_bytes"]),
-    ]
-    for name, v in lines:
-        t.add_row(name, f"{v:,}", gib(v))
-    for name, v in pd["detail"].items():
-        t.add_row(f"  [dim]{name}[/]", f"[dim]{v:,}[/]", f"[dim]{gib(v)}[/]")
-    for name, v in pd["phases"].items():
-        mark = " ← peak" if name == pd["peak_phase"] else ""
-        t.add_row(f"phase: {name}{mark}", f"{v:,}", gib(v))
-    t.add_row("overhead (context, allocator, buffers)", f"{pd['overhead_bytes']:,}", gib(pd["overhead_bytes"]))
-    t.add_row("[bold]peak[/]", f"[bold]{pd['peak_bytes']:,}[/]", f"[bold]{gib(pd['peak_bytes'])}[/]")
-    console.print(t)
-
-    g = d["gpu"]
-    if d["fits"] is None:
-        console.print(f"GPU: {g['source']}; fits: [yellow]unknown[/] (name a GPU with --set cluster.gpu=h100-sxm)")
-    elif d["fits"]:
-        console.print(f"[green]fits[/]: peak {gib(pd['peak_bytes'])} of {gib(g['usable_bytes'])} usable on {g['name']}")
-    else:
-        console.print(f"[red]does not fit by {gib(d['shortfall_bytes'])}[/]: peak {gib(pd['peak_bytes'])} of "
-                      f"{gib(g['usable_bytes'])} usable on {g['name']}")
-        if d["suggestions"]:
-            console.print("changes that would make it fit:")
-            for s in d["suggestions"]:
-                sets = " ".join(f"--set {k}={v}" for k, v in s["set"].items())
-                console.print(f"  • {s['change']}: peak {gib(s['peak_bytes'])}  [dim]{sets}[/]")
-    if d["cpu_bytes_per_node"]:
-        console.print(f"host RAM per node (offload): {gib(d['cpu_bytes_per_node'])}")
-    console.print(f"disk: {gib(d['disk_bytes'])} (weights and the checkpoints kept)")
-
-    c = Table(title="compute", title_justify="left", show_edge=False, show_header=False)
-    c.add_column("what")
-    c.add_column("value", justify="right")
-    c.add_row("tokens per optimizer step", f"{d['tokens_per_step']:,}")
-    c.add_row("FLOPs per step", _sci(d["flops_per_step"]))
-    c.add_row("step time", duration(d["step_time_s"]))
-    c.add_row("optimizer steps", "unknown" if d["steps"] is None else f"{d['steps']:,}")
-    c.add_row("total time", duration(d["total_time_s"]))
-    cost = d["cost_usd"]
-    c.add_row("cost", "unknown" if cost is None else f"${cost:,.2f} at ${d['price_per_gpu_hour']:g}/GPU-hour")
-    c.add_row("data", f"{d['data']['source']}")
-    c.add_row("MFU", f"{d['assumptions']['mfu']:.2f} ({d['assumptions']['mfu_source']})")
-    console.print(c)
 
 
 @app.command()
@@ -123,14 +62,12 @@ def estimate(
 
     Example: ftl estimate recipes/llama3-8b-qlora.yaml --set cluster.gpu=a100-80gb --set train.micro_batch_size=2
     """
-    from launcher.estimate.estimator import estimate as run_estimate
-    from launcher.recipe import load_recipe
 
     try:
         r = load_recipe(recipe, sets=sets, cluster=cluster, gpus_per_node=gpus_per_node, nodes=nodes)
         d = run_estimate(r).to_json()
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
@@ -140,11 +77,9 @@ def estimate(
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the built-in model catalog (architectures known without a download)."""
-    from launcher.catalog import models as catalog
-    from launcher.estimate.arch import arch_from_config
 
     rows = []
-    for key, e in catalog().items():
+    for key, e in catalog_models().items():
         cfg = e["config"]
         head = "seq_cls" if cfg["model_type"] in ("bert", "distilbert") else "causal_lm"
         a = arch_from_config(cfg, head)
@@ -165,9 +100,8 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command("gpus")
 def list_gpus(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the GPU catalog: memory, dense TFLOPS, bandwidths, with sources."""
-    from launcher.catalog import find_gpu, gpus as catalog
 
-    rows = [find_gpu(k).__dict__ for k in catalog()]
+    rows = [find_gpu(k).__dict__ for k in catalog_gpus()]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -182,98 +116,6 @@ def list_gpus(as_json: bool = typer.Option(False, "--json")) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # launching and runs
-
-
-def _launch_summary(p) -> dict[str, Any]:
-    r, plan = p.recipe, p.plan
-    e = plan.estimate or {}
-    pd = e.get("per_device") or {}
-    return {
-        "run_id": p.run.id,
-        "run_dir": str(p.run.dir),
-        "recipe": r.name,
-        "model": r.model,
-        "method": r.method,
-        "task": r.task,
-        "data": r.data.path,
-        "strategy": plan.strategy,
-        "device": plan.device,
-        "world_size": plan.world_size,
-        "nodes": plan.nodes,
-        "gpus_per_node": plan.gpus_per_node,
-        "precision": r.train.precision,
-        "micro_batch_size": r.train.micro_batch_size,
-        "grad_accum": r.train.grad_accum,
-        "global_batch": r.train.micro_batch_size * r.train.grad_accum * plan.world_size,
-        "max_steps": r.train.max_steps,
-        "epochs": r.train.epochs,
-        "resume_from": str(p.resume_from) if p.resume_from else None,
-        "peak_bytes": pd.get("peak_bytes"),
-        "fits": e.get("fits"),
-        "steps": e.get("steps"),
-        "step_time_s": e.get("step_time_s"),
-        "warnings": p.warnings or [],
-    }
-
-
-def _estimate_line(s: dict[str, Any]) -> str:
-    if s["peak_bytes"] is None:
-        return "estimate: (recorded in plan.json at the first launch)"
-    fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "fits: unknown (no GPU)"}[s["fits"]]
-    steps = "unknown" if s["steps"] is None else f"{s['steps']:,}"
-    return (f"estimate: peak {gib(s['peak_bytes'])} per device, {fits}; {steps} optimizer steps, "
-            f"step time {duration(s['step_time_s'])}")
-
-
-def _show_plain(title: str, text: str) -> None:
-    console.print(f"[bold]{title}[/]")
-    console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
-
-
-def render_dry_run(p) -> None:
-    s = _launch_summary(p)
-    console.print(f"[bold]{escape(s['recipe'])}[/]: {escape(s['model'])} · {s['method']} · {s['task']} · data {escape(str(s['data']))}",
-                  highlight=False, soft_wrap=True)
-    console.print(f"{s['strategy']} · {s['world_size']} process(es) on {s['device']} ({s['nodes']} node × "
-                  f"{s['gpus_per_node']}) · {s['precision']} · micro-batch {s['micro_batch_size']} × grad-accum "
-                  f"{s['grad_accum']} × {s['world_size']} = global batch {s['global_batch']}"
-                  + (f" · max_steps {s['max_steps']}" if s["max_steps"] else f" · epochs {s['epochs']:g}"),
-                  highlight=False, soft_wrap=True)
-    console.print(_estimate_line(s), soft_wrap=True)
-    for w in s["warnings"]:
-        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
-    for name in ("accelerate.yaml", "deepspeed.json", "command.sh"):
-        if name in p.files:
-            _show_plain(name, p.files[name])
-    provider = p.recipe.cluster.provider
-    if provider == "slurm":
-        from launcher.backends.slurm import submitted_script
-
-        _show_plain("sbatch script (submitted through submitit; one task per node runs launcher.node)",
-                    submitted_script(p.run, p.recipe, p.plan.device))
-    elif provider == "ssh":
-        from launcher.backends.ssh import dry_run_lines
-
-        _show_plain("per host, over SSH", dry_run_lines(p.run, p.recipe))
-    elif provider in ("runpod", "lambda") and p.resume_from is None:
-        from launcher.backends.rental import expected, instance_name
-
-        cl = p.recipe.cluster
-        secs, usd = expected(p)
-        names = ", ".join(instance_name(p.run.id, k) for k in range(cl.nodes))
-        _show_plain("would rent (the offer is chosen at launch: cheapest available)",
-                    f"{cl.nodes} × {cl.gpus_per_node} {cl.gpu} on {provider} at ${cl.price_per_gpu_hour:g}/GPU-hour, "
-                    f"named {names}\n"
-                    + ("expected: unknown time and cost (no step time for this GPU)" if secs is None else
-                       f"expected: {duration(secs)}, ${usd:,.2f} (instance boot and weight download included)")
-                    + f"\neach instance: {cl.python or 'python3'} -m launcher.node in <workdir>/runs/{p.run.id}, "
-                    "then results fetched back and the instance terminated")
-    _show_plain("environment set for the launch", "\n".join(f"{k}={v}" for k, v in p.spec.env.items()) or "(none)")
-    if p.spec.unset:
-        _show_plain("removed from the inherited environment", " ".join(p.spec.unset))
-    verb = "would continue in" if p.resume_from else "would create"
-    console.print(f"dry run: {verb} {s['run_dir']}" + (f" from {s['resume_from']}" if s["resume_from"] else "")
-                  + "; nothing was started or written", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -312,9 +154,6 @@ def launch(
       ftl launch recipes/smoke.yaml --cluster cluster/my-hosts.yaml --nodes 2
       ftl launch recipes/smoke.yaml --cluster cluster/runpod-a100-80gb.yaml --budget 5 --deadline 2h
     """
-    from launcher.backends import get_backend
-    from launcher.recipe import load_recipe
-    from launcher.runs import prepare_launch, prepare_resume, render_files, write_run
 
     try:
         if resume is not None:
@@ -331,7 +170,7 @@ def launch(
         render_files(p)
         if dry_run:
             if as_json:
-                out = {"dry_run": True, **_launch_summary(p), "plan": p.plan.to_json(), "files": p.files,
+                out = {"dry_run": True, **launch_summary(p), "plan": p.plan.to_json(), "files": p.files,
                        "command": p.spec.argv, "env": p.spec.env, "unset": p.spec.unset}
                 sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
             else:
@@ -348,7 +187,7 @@ def launch(
         if not as_json:
             for w in p.warnings or []:
                 err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
-        if p.recipe.cluster.provider in ("runpod", "lambda"):
+        if p.recipe.cluster.provider in RENTED:
             _confirm_rental(p, backend, yes, budget, deadline)
         elif budget is not None or deadline is not None:
             raise FtlError("--budget and --deadline guard rented GPUs (a runpod or lambda cluster profile)")
@@ -368,7 +207,7 @@ def launch(
             return
         status = backend.wait(handle)
     except FtlError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:  # before the run started (afterwards wait() forwards Ctrl-C to it)
         err_console.print("interrupted", highlight=False)
         raise typer.Exit(130)
@@ -390,13 +229,11 @@ def launch(
                           highlight=False)
         raise typer.Exit(128 + int(getattr(handle, "stop_signal", None) or 15))
     why = st.get("error") or f"exit code {st.get('returncode')}; log: {run.log_path}"
-    _fail(FtlError(f"run {run.id} failed: {why}"))
+    fail(FtlError(f"run {run.id} failed: {why}"))
 
 
 def _confirm_rental(p, backend, yes: bool, budget: Optional[float], deadline: Optional[str]) -> None:
     """Show what the rental is expected to take and cost (boot and download included); ask unless --yes."""
-    from launcher.backends.rental import expected
-    from launcher.durations import parse_duration
 
     backend.budget_usd = budget
     backend.deadline_s = parse_duration(deadline) if deadline else None
@@ -418,8 +255,6 @@ def _confirm_rental(p, backend, yes: bool, budget: Optional[float], deadline: Op
 
 def _export(p, target: Path, as_json: bool) -> None:
     """--export: the run directory is prepared (state 'created') and the sbatch script written."""
-    from launcher.backends.slurm import export_sbatch, path_for_export
-    from launcher.runs import write_atomic, write_run
 
     if p.recipe.cluster.provider != "slurm":
         raise FtlError(f"--export writes an sbatch script: it needs a SLURM profile (cluster.provider is "
@@ -442,10 +277,8 @@ def _export(p, target: Path, as_json: bool) -> None:
 
 
 def _run_row(run) -> dict[str, Any]:
-    from launcher.runs import effective_status
-
     try:
-        status = effective_status(run)
+        status = run_status(run)
         st = run.state()
         m = run.last_metrics() or {}
         res = run.result() or {}
@@ -453,36 +286,20 @@ def _run_row(run) -> dict[str, Any]:
         return {"id": run.id, "status": "unreadable", "recipe": None, "backend": None, "where": None, "started": None,
                 "ended": None, "step": None, "loss": None, "dir": str(run.dir)}
     step = m.get("step", res.get("global_step", res.get("steps")))
-    return {"id": run.id, "status": status, "recipe": st.get("recipe"), "backend": st.get("backend") or "local",
-            "where": _where(st), "started": st.get("started"), "ended": st.get("ended"), "step": step,
-            "loss": m.get("loss"), "dir": str(run.dir)}
-
-
-def _where(st: dict[str, Any]) -> str:
-    """Where a run executes, in a few words: SLURM job and state, SSH hosts, local pid."""
-    if st.get("slurm"):
-        sl = st["slurm"]
-        return f"job {sl.get('job_id')}" + (f" {sl['state']}" if sl.get("state") else "")
-    if st.get("instances"):
-        from launcher.backends.rental import spend
-
-        live = [i for i in st["instances"] if not i.get("terminated_at")]
-        what = f"{len(live)} {st['instances'][0].get('provider')} instance(s)" if live else "instances terminated"
-        return f"{what}, ${spend(st['instances']):.2f}"
-    if st.get("hosts"):
-        return ",".join(str(h.get("host")) for h in st["hosts"])
-    return f"pid {st['pid']}" if st.get("pid") and st.get("status") == "running" else ""
+    backend = st.get("backend") or "local"
+    return {"id": run.id, "status": status, "recipe": st.get("recipe"), "backend": backend,
+            "where": get_backend(backend, echo=False).where(st), "started": st.get("started"), "ended": st.get("ended"),
+            "step": step, "loss": m.get("loss"), "dir": str(run.dir)}
 
 
 @app.command("runs")
 def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
     """List runs (from the run directories under ./runs or $FTL_RUNS_DIR)."""
-    from launcher.runs import list_runs, runs_root
 
     try:
         rows = [_run_row(r) for r in list_runs()]
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -513,13 +330,8 @@ def ps(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 def _rented_table() -> None:
-    import time as _time
-
-    from launcher.backends.rental import _epoch, configured, live_run, rented_instances
-
     try:
-        names = configured()
-        rows = rented_instances(names) if names else []
+        rows = fleet.rented_rows()
     except FtlError as e:
         err_console.print(f"[yellow]warning:[/] could not list rented instances: {escape(str(e))}", highlight=False)
         return
@@ -528,15 +340,12 @@ def _rented_table() -> None:
     t = Table(title="rented instances", title_justify="left", show_edge=False)
     for col in ("provider", "instance", "status", "run", "$/hour", "running cost"):
         t.add_column(col, justify="right" if col in ("$/hour", "running cost") else "left")
-    for inst, run in rows:
-        rec = next((i for i in (run.state().get("instances") or []) if i.get("id") == inst.id), {}) if run else {}
-        start = _epoch(rec.get("created_at") or inst.created_at)
-        price = inst.price_per_hour or rec.get("price_per_hour")
-        cost = f"${price * (_time.time() - start) / 3600:,.2f}" if price and start else "—"
-        owner = run.id if run is not None else "[red]none (orphan)[/]"
-        if run is not None and not live_run(run):
+    for r in rows:
+        owner = r.run_id if r.run_id is not None else "[red]none (orphan)[/]"
+        if r.run_id is not None and not r.run_alive:
             owner += " [red](ftl not running: ftl down --orphans)[/]"
-        t.add_row(inst.provider, escape(inst.name), inst.status, owner, f"{price:g}" if price else "—", cost)
+        cost = "—" if r.running_cost_usd is None else f"${r.running_cost_usd:,.2f}"
+        t.add_row(r.provider, escape(r.name), r.status, owner, f"{r.price_per_hour:g}" if r.price_per_hour else "—", cost)
     console.print(t)
 
 
@@ -551,33 +360,28 @@ def down(
     When the run's ftl process is gone but its nodes still train, they are first asked to save a checkpoint,
     and its results are fetched into the run directory (at most FTL_STOP_GRACE_S), so that
     `ftl launch --resume RUN` can continue it."""
-    from launcher.backends.rental import down_orphans, live_run, salvage, terminate_run
 
     if (run is None) == (not orphans):
-        _fail(FtlError("give a RUN or --orphans (not both)"))
+        fail(FtlError("give a RUN or --orphans (not both)"))
     try:
         if orphans:
-            found, errors = down_orphans()
+            found, errors = fleet.down_orphans()
             for inst in found:
                 err_console.print(f"terminated {inst.provider} {escape(inst.name)} ({inst.id})", highlight=False)
             if not found:
                 err_console.print("no orphaned ftl-* instances", highlight=False)
         else:
             r = _find(run)
-            if not live_run(r):
-                salvage(r)
-            gone, errors = terminate_run(r)
+            gone, errors = fleet.down_run(r)
             err_console.print(f"run {r.id}: terminated {len(gone)} instance(s)" + (f": {', '.join(gone)}" if gone else ""),
                               highlight=False)
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if errors:
-        _fail(FtlError("could not terminate: " + "; ".join(errors)))
+        fail(FtlError("could not terminate: " + "; ".join(errors)))
 
 
 def _find(ref: Optional[str]):
-    from launcher.runs import find_run, newest_run, runs_root
-
     if ref:
         return find_run(ref)
     run = newest_run()
@@ -592,7 +396,6 @@ def status(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Status of a run: state, plan, progress, newest complete checkpoint, result."""
-    from launcher.backends import get_backend
 
     try:
         r = _find(run)
@@ -603,7 +406,7 @@ def status(
                "world_size": plan.get("world_size"), "last_metrics": r.last_metrics(),
                "checkpoint": str(ckpt) if ckpt else None, "result": r.result(), "log": str(r.log_path)}
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return
@@ -641,19 +444,18 @@ def logs(
                                        "output, logs/node-N.log); default node 0."),
 ) -> None:
     """Print a run's log: logs/launch.log on this machine, node 0's log (or --rank N) on SLURM/SSH."""
-    from launcher.backends import get_backend
 
     try:
         r = _find(run)
         backend = get_backend(r.state().get("backend") or "local")
-        path = r.log_path if (r.state().get("backend") or "local") == "local" else r.dir / "logs" / f"node-{rank or 0}.log"
+        path = backend.log_path(r, rank)
         if not path.is_file() and not follow:
             raise FtlError(f"run {r.id} has no log yet ({path})")
         for line in backend.logs(r, follow=follow, rank=rank):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
     except FtlError as e:
-        _fail(e)
+        fail(e)
     except KeyboardInterrupt:
         raise typer.Exit(130)
 
@@ -668,21 +470,19 @@ def cancel(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
 @app.command()
 def stop(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
     """Same as `ftl cancel`."""
-    from launcher.backends import get_backend
 
     try:
         r = _find(run)
         ok = get_backend(r.state().get("backend") or "local").cancel(r)
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if not ok:
-        _fail(FtlError(f"run {r.id} is not running"))
+        fail(FtlError(f"run {r.id} is not running"))
     err_console.print(f"asked run {r.id} to stop; continue it later with: ftl launch --resume {r.id}", highlight=False)
 
 
 def _train_helper(module: str, name: str):
-    import importlib
-
+    """A function of the trainer (launcher.train.*, which imports torch): loaded only by the commands that need it."""
     try:
         return getattr(importlib.import_module(f"launcher.train.{module}"), name)
     except (ImportError, AttributeError) as e:
@@ -701,7 +501,7 @@ def merge(
 
         path = merge_run(r.dir, out or r.dir / "merged")
     except FtlError as e:
-        _fail(e)
+        fail(e)
     console.print(f"merged model: {path}", highlight=False, markup=False, soft_wrap=True)
 
 
@@ -718,7 +518,7 @@ def generate(
 
         text = run_generate(r.dir, prompt, max_new_tokens=max_new_tokens)
     except FtlError as e:
-        _fail(e)
+        fail(e)
     sys.stdout.write(str(text) + "\n")
 
 
@@ -737,9 +537,7 @@ def prices_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """On-demand USD per GPU-hour by provider, with date and source; warns when older than 30 days."""
-    import datetime as dt
 
-    from launcher import prices as P
 
     try:
         if provider and provider.lower() not in P.PROVIDERS:
@@ -756,7 +554,7 @@ def prices_cmd(
         rows = P.all_prices(provider, gpu)
         profiles = P.profile_prices(clusters) if clusters else []
     except FtlError as e:
-        _fail(e)
+        fail(e)
     today = dt.date.today()
     if as_json:
         sys.stdout.write(json.dumps({"today": today.isoformat(), "stale_after_days": P.STALE_DAYS,
@@ -787,7 +585,7 @@ def prices_cmd(
         console.print("no prices match")
     for prov, date in sorted(stale):
         err_console.print(f"[yellow]warning:[/] {prov} prices dated {date} are more than {P.STALE_DAYS} days old; "
-                          f"ftl prices --refresh --provider {prov} reads live ones ({P.PROVIDERS[prov]['key_env']})"
+                          f"ftl prices --refresh --provider {prov} reads live ones ({provider_facts()[prov]['key_env']})"
                           if prov in P.PROVIDERS else
                           f"[yellow]warning:[/] {prov} prices dated {date} are more than {P.STALE_DAYS} days old",
                           highlight=False, soft_wrap=True)
@@ -801,13 +599,11 @@ def report_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Estimate vs actual for a run: memory, step time, total time, GPU-hours, cost."""
-    from launcher.report import report
-    from launcher.runs import find_run
 
     try:
         d = report(find_run(run))
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
         return
@@ -857,9 +653,6 @@ def plan_cmd(
 
     Example: ftl plan recipes/llama3-70b-qlora-zero3.yaml --objective cost --deadline 6h
     """
-    from launcher.durations import parse_duration
-    from launcher.plan import load_profiles, plan as run_plan, write_plot
-    from launcher.recipe import load_recipe
 
     try:
         r = load_recipe(recipe, sets=sets)
@@ -870,7 +663,7 @@ def plan_cmd(
         if plot is not None:
             write_plot(res, plot)
     except FtlError as e:
-        _fail(e)
+        fail(e)
     if as_json:
         sys.stdout.write(json.dumps(res.to_json(limit=top), indent=2) + "\n")
         return
@@ -899,7 +692,3 @@ def plan_cmd(
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -17,11 +17,12 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from launcher.catalog import find_gpu
-from launcher.errors import FtlError
-from launcher.prices import _gpu_key
-from launcher.providers.base import Instance, NoCapacity, Offer, Provider, ProviderError
-from launcher.providers.http import JsonClient, api_key, create_once, log
+from launcher.spec.catalog import find_gpu
+from launcher.spec.catalog import gpu_key as catalog_gpu_key
+from launcher.core.errors import FtlError
+from launcher.cloud.base import Instance, NoCapacity, Offer, Provider, ProviderError
+from launcher.cloud.credentials import api_key
+from launcher.cloud.http import JsonClient, create_once, log
 
 API = "/api/v1"
 SSH_USER = "ubuntu"
@@ -34,12 +35,12 @@ _TYPE = re.compile(r"^gpu_(\d+)x_(.+)$")
 _UUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.I)
 
 
-def gpu_key(instance_type: dict[str, Any]) -> str | None:
+def type_gpu_key(instance_type: dict[str, Any]) -> str | None:
     """Catalog key of a Lambda instance type, the way `ftl prices` maps them."""
     name = str(instance_type.get("name") or "")
     m = _TYPE.match(name)
     desc = str(instance_type.get("gpu_description") or "")
-    return _gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
+    return catalog_gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
 
 
 def _tags(d: dict[str, Any]) -> dict[str, str]:
@@ -104,7 +105,7 @@ class Lambda(Provider):
             cents = it.get("price_cents_per_hour")
             if n != gpus or n <= 0 or cents is None or "general" in tname:
                 continue
-            key = gpu_key(it)
+            key = type_gpu_key(it)
             if gpu is not None and gpu.lower() != tname.lower() and (want is None or key != want):
                 continue
             regions = [r.get("name") for r in entry.get("regions_with_capacity_available") or [] if r.get("name")]

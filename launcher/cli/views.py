@@ -1,0 +1,234 @@
+"""What the commands show: rich tables and text for estimates, dry runs and plans, and the plan's PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from launcher.backends.rental import instance_name
+from launcher.backends.slurm import submitted_script
+from launcher.backends.ssh import dry_run_lines
+from launcher.core.durations import format_duration as duration
+from launcher.core.errors import FtlError
+from launcher.estimate.search import PlanResult
+from launcher.launch import Prepared, expected
+from launcher.spec.recipe import RENTED
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(e: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def gib(n: int | float | None) -> str:
+    return "—" if n is None else f"{n / 1024**3:,.2f} GiB"
+
+
+def _sci(x: float) -> str:
+    return f"{x:.3e}"
+
+
+def render_estimate(d: dict[str, Any]) -> None:
+    m, pd = d["model"], d["per_device"]
+    title = (f"[bold]{d['recipe']}[/]: {m['name']} · {d['method']} · {d['task']} · "
+             f"{d['strategy']} on {d['nodes']}×{d['gpus_per_node']} {d['gpu']['name'] or '(no GPU)'}")
+    console.print(title)
+    active = f" ({m['params_active']:,} active)" if m["params_active"] != m["params_total"] else ""
+    console.print(f"parameters: {m['params_total']:,} total{active}, {m['params_trainable']:,} trainable "
+                  f"({100 * m['params_trainable'] / m['params_total']:.3g}%)")
+
+    t = Table(title="memory per device", title_justify="left", show_edge=False)
+    t.add_column("what")
+    t.add_column("bytes", justify="right")
+    t.add_column("GiB", justify="right")
+    lines = [
+        ("weights", pd["weights_bytes"]),
+        ("gradients", pd["gradients_bytes"]),
+        ("optimizer states", pd["optimizer_bytes"]),
+        ("activations (saved for backward)", pd["activations_bytes"]),
+        ("logits and loss", pd["logits_bytes"]),
+        ("backward workspace", pd["backward_transient_bytes"]),
+        ("optimizer-step temporaries", pd["optimizer_step_temp_bytes"]),
+    ]
+    for name, v in lines:
+        t.add_row(name, f"{v:,}", gib(v))
+    for name, v in pd["detail"].items():
+        t.add_row(f"  [dim]{name}[/]", f"[dim]{v:,}[/]", f"[dim]{gib(v)}[/]")
+    for name, v in pd["phases"].items():
+        mark = " ← peak" if name == pd["peak_phase"] else ""
+        t.add_row(f"phase: {name}{mark}", f"{v:,}", gib(v))
+    t.add_row("overhead (context, allocator, buffers)", f"{pd['overhead_bytes']:,}", gib(pd["overhead_bytes"]))
+    t.add_row("[bold]peak[/]", f"[bold]{pd['peak_bytes']:,}[/]", f"[bold]{gib(pd['peak_bytes'])}[/]")
+    console.print(t)
+
+    g = d["gpu"]
+    if d["fits"] is None:
+        console.print(f"GPU: {g['source']}; fits: [yellow]unknown[/] (name a GPU with --set cluster.gpu=h100-sxm)")
+    elif d["fits"]:
+        console.print(f"[green]fits[/]: peak {gib(pd['peak_bytes'])} of {gib(g['usable_bytes'])} usable on {g['name']}")
+    else:
+        console.print(f"[red]does not fit by {gib(d['shortfall_bytes'])}[/]: peak {gib(pd['peak_bytes'])} of "
+                      f"{gib(g['usable_bytes'])} usable on {g['name']}")
+        if d["suggestions"]:
+            console.print("changes that would make it fit:")
+            for s in d["suggestions"]:
+                sets = " ".join(f"--set {k}={v}" for k, v in s["set"].items())
+                console.print(f"  • {s['change']}: peak {gib(s['peak_bytes'])}  [dim]{sets}[/]")
+    if d["cpu_bytes_per_node"]:
+        console.print(f"host RAM per node (offload): {gib(d['cpu_bytes_per_node'])}")
+    console.print(f"disk: {gib(d['disk_bytes'])} (weights and the checkpoints kept)")
+
+    c = Table(title="compute", title_justify="left", show_edge=False, show_header=False)
+    c.add_column("what")
+    c.add_column("value", justify="right")
+    c.add_row("tokens per optimizer step", f"{d['tokens_per_step']:,}")
+    c.add_row("FLOPs per step", _sci(d["flops_per_step"]))
+    c.add_row("step time", duration(d["step_time_s"]))
+    c.add_row("optimizer steps", "unknown" if d["steps"] is None else f"{d['steps']:,}")
+    c.add_row("total time", duration(d["total_time_s"]))
+    cost = d["cost_usd"]
+    c.add_row("cost", "unknown" if cost is None else f"${cost:,.2f} at ${d['price_per_gpu_hour']:g}/GPU-hour")
+    c.add_row("data", f"{d['data']['source']}")
+    c.add_row("MFU", f"{d['assumptions']['mfu']:.2f} ({d['assumptions']['mfu_source']})")
+    console.print(c)
+
+
+def launch_summary(p: Prepared) -> dict[str, Any]:
+    r, plan = p.recipe, p.plan
+    e = plan.estimate or {}
+    pd = e.get("per_device") or {}
+    return {
+        "run_id": p.run.id,
+        "run_dir": str(p.run.dir),
+        "recipe": r.name,
+        "model": r.model,
+        "method": r.method,
+        "task": r.task,
+        "data": r.data.path,
+        "strategy": plan.strategy,
+        "device": plan.device,
+        "world_size": plan.world_size,
+        "nodes": plan.nodes,
+        "gpus_per_node": plan.gpus_per_node,
+        "precision": r.train.precision,
+        "micro_batch_size": r.train.micro_batch_size,
+        "grad_accum": r.train.grad_accum,
+        "global_batch": r.train.micro_batch_size * r.train.grad_accum * plan.world_size,
+        "max_steps": r.train.max_steps,
+        "epochs": r.train.epochs,
+        "resume_from": str(p.resume_from) if p.resume_from else None,
+        "peak_bytes": pd.get("peak_bytes"),
+        "fits": e.get("fits"),
+        "steps": e.get("steps"),
+        "step_time_s": e.get("step_time_s"),
+        "warnings": p.warnings or [],
+    }
+
+
+def _estimate_line(s: dict[str, Any]) -> str:
+    if s["peak_bytes"] is None:
+        return "estimate: (recorded in plan.json at the first launch)"
+    fits = {True: "[green]fits[/]", False: "[red]does not fit[/]", None: "fits: unknown (no GPU)"}[s["fits"]]
+    steps = "unknown" if s["steps"] is None else f"{s['steps']:,}"
+    return (f"estimate: peak {gib(s['peak_bytes'])} per device, {fits}; {steps} optimizer steps, "
+            f"step time {duration(s['step_time_s'])}")
+
+
+def _show_plain(title: str, text: str) -> None:
+    console.print(f"[bold]{title}[/]")
+    console.print(text.rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
+
+
+def render_dry_run(p: Prepared) -> None:
+    s = launch_summary(p)
+    console.print(f"[bold]{escape(s['recipe'])}[/]: {escape(s['model'])} · {s['method']} · {s['task']} · data {escape(str(s['data']))}",
+                  highlight=False, soft_wrap=True)
+    console.print(f"{s['strategy']} · {s['world_size']} process(es) on {s['device']} ({s['nodes']} node × "
+                  f"{s['gpus_per_node']}) · {s['precision']} · micro-batch {s['micro_batch_size']} × grad-accum "
+                  f"{s['grad_accum']} × {s['world_size']} = global batch {s['global_batch']}"
+                  + (f" · max_steps {s['max_steps']}" if s["max_steps"] else f" · epochs {s['epochs']:g}"),
+                  highlight=False, soft_wrap=True)
+    console.print(_estimate_line(s), soft_wrap=True)
+    for w in s["warnings"]:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    for name in ("accelerate.yaml", "deepspeed.json", "command.sh"):
+        if name in p.files:
+            _show_plain(name, p.files[name])
+    provider = p.recipe.cluster.provider
+    if provider == "slurm":
+
+        _show_plain("sbatch script (submitted through submitit; one task per node runs launcher.agent.node)",
+                    submitted_script(p.run, p.recipe, p.plan.device))
+    elif provider == "ssh":
+
+        _show_plain("per host, over SSH", dry_run_lines(p.run, p.recipe))
+    elif provider in RENTED and p.resume_from is None:
+
+        cl = p.recipe.cluster
+        secs, usd = expected(p)
+        names = ", ".join(instance_name(p.run.id, k) for k in range(cl.nodes))
+        _show_plain("would rent (the offer is chosen at launch: cheapest available)",
+                    f"{cl.nodes} × {cl.gpus_per_node} {cl.gpu} on {provider} at ${cl.price_per_gpu_hour:g}/GPU-hour, "
+                    f"named {names}\n"
+                    + ("expected: unknown time and cost (no step time for this GPU)" if secs is None else
+                       f"expected: {duration(secs)}, ${usd:,.2f} (instance boot and weight download included)")
+                    + f"\neach instance: {cl.python or 'python3'} -m launcher.agent in <workdir>/runs/{p.run.id}, "
+                    "then results fetched back and the instance terminated")
+    _show_plain("environment set for the launch", "\n".join(f"{k}={v}" for k, v in p.spec.env.items()) or "(none)")
+    if p.spec.unset:
+        _show_plain("removed from the inherited environment", " ".join(p.spec.unset))
+    verb = "would continue in" if p.resume_from else "would create"
+    console.print(f"dry run: {verb} {s['run_dir']}" + (f" from {s['resume_from']}" if s["resume_from"] else "")
+                  + "; nothing was started or written", highlight=False, markup=False, soft_wrap=True)
+
+
+PLOT_SIZE_PX = (1000, 600)  # width, height of the PNG --plot writes
+PLOT_DPI = 100
+
+
+def write_plot(res: PlanResult, path: str | Path) -> Path:
+    """A PNG scatter of total time vs cost of the fitting candidates, the Pareto frontier as a line
+    with labels, and the chosen plan circled. matplotlib (Agg) is imported only here."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise FtlError("--plot needs matplotlib: pip install matplotlib") from None
+    path = Path(path)
+    fit = res.fitting
+    fig, ax = plt.subplots(figsize=(PLOT_SIZE_PX[0] / PLOT_DPI, PLOT_SIZE_PX[1] / PLOT_DPI), dpi=PLOT_DPI)
+    try:
+        profiles = sorted({c.profile for c in fit})
+        for i, prof in enumerate(profiles):
+            pts = [c for c in fit if c.profile == prof]
+            ax.scatter([c.total_time_s / 3600 for c in pts], [c.cost_usd for c in pts], s=12, alpha=0.5,
+                       label=prof, color=plt.cm.tab10(i % 10))
+        front = res.frontier
+        ax.plot([c.total_time_s / 3600 for c in front], [c.cost_usd for c in front], "-o", color="black",
+                lw=1.2, ms=4, label="Pareto frontier")
+        for c in front:
+            ax.annotate(f"{c.label}\n{c.profile}", (c.total_time_s / 3600, c.cost_usd), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ch = res.chosen
+        ax.scatter([ch.total_time_s / 3600], [ch.cost_usd], s=160, facecolors="none", edgecolors="red", lw=1.5,
+                   label=f"chosen ({res.objective})")
+        ax.set_xscale("log")
+        ax.set_xlabel("total time (hours, log scale)")
+        ax.set_ylabel("total cost (USD)")
+        ax.set_title(f"{res.recipe.name}: {len(fit)} fitting candidates")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+        fig.savefig(path, dpi=PLOT_DPI, format="png")
+    finally:
+        plt.close(fig)
+    return path
