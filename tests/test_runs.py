@@ -1,4 +1,4 @@
-"""launcher/runs.py and the launch flow before any process starts: run ids, run directories, state,
+"""launcher/rundir and launcher/launch.py: the run directory and the launch flow before any process starts: run ids, run directories, state,
 checkpoint selection, refusals, and `ftl launch --dry-run` (which starts and writes nothing)."""
 
 from __future__ import annotations
