@@ -177,3 +177,13 @@ def test_the_light_commands_import_no_training_stack_and_no_http(argv, tmp_path)
     assert json.loads(lines[-1][len("HEAVY="):]) == [], f"ftl {' '.join(argv)} imported {lines[-1]}"
     body = r.stdout[: r.stdout.rindex("HEAVY=")]
     assert json.loads(body), "the command printed no JSON"  # it really ran
+
+
+def test_provider_facts_cover_the_rented_providers():
+    from launcher.spec.catalog import provider_facts
+    from launcher.spec.recipe import RENTED
+
+    facts = provider_facts()
+    assert set(facts) == set(RENTED)
+    for name, f in facts.items():
+        assert {"api_url", "url_env", "key_env", "prices_path", "boot_seconds", "download_bandwidth_gbps"} <= set(f), name

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.core.errors import did_you_mean
+from launcher.spec.recipe import RENTED
 from launcher.cloud.base import (STATUSES, AuthError, Instance, NoCapacity, Offer, Provider, ProviderError,
                                      ProviderTimeout)
 
-NAMES = ("runpod", "lambda")
+NAMES = RENTED
 
 __all__ = ["NAMES", "STATUSES", "AuthError", "Instance", "NoCapacity", "Offer", "Provider", "ProviderError",
            "ProviderTimeout", "get_provider"]

@@ -135,7 +135,7 @@ def all_prices(provider: str | None = None, gpu: str | None = None) -> list[Pric
     if gpu:
         key = find_gpu(gpu).key
         out = [p for p in out if p.gpu == key]
-    order = {k: i for i, k in enumerate(["runpod", "lambda"])}
+    order = {k: i for i, k in enumerate(PROVIDERS)}
     return sorted(out, key=lambda p: (order.get(p.provider, 9), p.provider, p.tier, p.usd_per_gpu_hour, p.gpu))
 
 

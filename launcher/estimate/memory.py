@@ -19,7 +19,7 @@ from launcher.estimate.memo import NO_MEMO, Memo, recipe_key
 from launcher.estimate.params import ParamPlan
 from launcher.estimate.states import StateBytes, state_bytes
 from launcher.spec.catalog import GpuSpec, calibration
-from launcher.spec.recipe import Recipe
+from launcher.spec.recipe import STRATEGIES, Recipe
 
 GiB = 1024**3
 MiB = 1024**2
@@ -31,7 +31,7 @@ _OVERHEAD = calibration()["overhead"]
 CUDA_CONTEXT_BYTES = int(_OVERHEAD["cuda_context_bytes"])
 FRAGMENTATION_FRACTION = float(_OVERHEAD["fragmentation_fraction"])  # of transient bytes (activations, logits, step temporaries)
 FRAGMENTATION_FLOOR = int(_OVERHEAD["fragmentation_floor_bytes"])
-SHARDED_STRATEGIES = {"zero1", "zero2", "zero3", "fsdp"}
+SHARDED_STRATEGIES = set(STRATEGIES) - {"ddp"}
 
 
 @dataclass(frozen=True)

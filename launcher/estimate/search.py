@@ -23,7 +23,7 @@ from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
 from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
-from launcher.spec.recipe import RENTED, Cluster, Parallel, Recipe
+from launcher.spec.recipe import RENTED, STRATEGIES, Cluster, Parallel, Recipe
 
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
@@ -446,7 +446,7 @@ def choose_strategy(recipe: Recipe, spec: ModelSpec | None = None, arch: Arch | 
     if not cl.gpu:
         return "ddp"  # no GPU named: nothing to compare (CPU processes run DDP on gloo)
     off = recipe.parallel.offload
-    strategies = [(s, off) for s in ("ddp", "zero1", "zero2", "zero3", "fsdp") if not (s == "ddp" and off != "none")]
+    strategies = [(s, off) for s in STRATEGIES if not (s == "ddp" and off != "none")]
     cands, _ = _single_world(recipe, strategies, spec, arch)
     fitting = [c for c in cands if c.fits]
     if fitting:

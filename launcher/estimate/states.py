@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
-from launcher.spec.recipe import Recipe
+from launcher.spec.recipe import STRATEGIES, Recipe
 
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -291,7 +291,7 @@ def _dtype_name(nbytes: int, precision: str) -> str:
 
 def state_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, strategy: str, world_size: int, gpus_per_node: int) -> StateBytes:
     """Model-state bytes per device (and host RAM per node under offload); see the module docstring."""
-    if strategy not in ("ddp", "zero1", "zero2", "zero3", "fsdp"):
+    if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r} must be resolved (ddp, zero1, zero2, zero3 or fsdp)")
     n = max(1, world_size)
     per_node = max(1, min(gpus_per_node, n))

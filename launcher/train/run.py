@@ -106,7 +106,7 @@ def setup_distributed(recipe: Recipe, plan: dict[str, Any], run_dir: Path) -> st
                        "use bf16 or fp32 on the CPU")
     if device == "cpu" and recipe.train.attn_implementation == "flash_attention_2":
         log.warning("flash_attention_2 needs a CUDA GPU; sdpa is used on the CPU")
-    if strategy in ("zero1", "zero2", "zero3", "fsdp") and "RANK" not in os.environ:
+    if strategy != "ddp" and "RANK" not in os.environ:
         # a one-process world still needs a process group for DeepSpeed/FSDP
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
