@@ -42,6 +42,7 @@ from launcher.rundir.cost import write_cost
 from launcher.spec.recipe import Recipe, recipe_from_dict
 
 POLL_S = 1.0
+TAIL_DRAIN_S = 10.0  # after the nodes end, how long their log streams may take to deliver the last lines
 SSH_TIMEOUT_S = 30
 
 
@@ -261,9 +262,9 @@ class SshBackend(Backend):
             try:
                 codes = self._watch(handle)
             finally:
-                time.sleep(0.5)  # let the tails print the last lines
+                deadline = time.monotonic() + TAIL_DRAIN_S  # the tails end once they have the last lines
                 for t in handle.tails:
-                    t.stop()
+                    t.stop(max(0.0, deadline - time.monotonic()))
         if self.on_nodes_ended is not None:
             self.on_nodes_ended(handle)
         status, error, rc = self._verdict(handle.run, codes, handle.stop_signal is not None or handle.killed)
@@ -408,7 +409,8 @@ class SshBackend(Backend):
                 raise SshError(f"{n.label}: cannot read its log: {r.stderr.strip()}")
             yield from r.stdout.splitlines()
             return
-        p = subprocess.Popen(ssh_argv(n, run.dir, f"tail -n +1 -F {path} 2>/dev/null"), stdin=subprocess.DEVNULL,
+        until = f" --pid={int(n.pid)}" if n.pid else ""  # ends with the node (see LogFollower)
+        p = subprocess.Popen(ssh_argv(n, run.dir, f"tail -n +1 -F -s 0.5{until} {path} 2>/dev/null"), stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
 
         def stop_when_done() -> None:
@@ -453,12 +455,15 @@ class LogFollower:
         self.prefix = f"[node {n.rank}] " if len(h.nodes) > 1 else ""
 
     def start(self) -> None:
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         path = shlex.quote(str(remote_dir(self.h.run) / "logs" / f"node-{self.n.rank}.log"))
         while not self.stopped.is_set():
-            cmd = f"tail -n +{self.seen + 1} -F {path} 2>/dev/null"
+            # --pid: the remote tail ends by itself once the node has ended (a tail whose SSH client is gone
+            # lives on until it next writes, so it must not depend on being killed from here)
+            cmd = f"tail -n +{self.seen + 1} -F -s 0.5 --pid={self.n.pid} {path} 2>/dev/null"
             try:
                 self.proc = subprocess.Popen(ssh_argv(self.n, self.h.run.dir, cmd), stdin=subprocess.DEVNULL,
                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -472,7 +477,8 @@ class LogFollower:
                 got = True
                 self.seen += 1
                 self.backend._emit(self.h, self.prefix + raw.decode("utf-8", "replace").rstrip("\n"))
-            self.proc.wait()
+            if self.proc.wait() == 0:  # tail saw the node end: every line is in
+                return
             if self.stopped.wait(self.RECONNECT_S):
                 return
             if got or not self.reconnects:  # once per outage
@@ -480,7 +486,10 @@ class LogFollower:
                                           "(training goes on there)")
             self.reconnects = 0 if got else self.reconnects + 1
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 0.0) -> None:
+        """Stop following: after up to `wait_s` for the stream to end by itself (the node has ended, so its
+        remote tail exits after the last line), kill what is left of it."""
         self.stopped.set()
+        self.thread.join(wait_s)
         if self.proc is not None:
             kill_tree(self.proc)
