@@ -81,7 +81,7 @@ class Plan:
 
 def mixed_precision(precision: str) -> str:
     """Accelerate's --mixed_precision value for a recipe precision."""
-    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+    return {"bf16": "bf16", "bf16-pure": "no", "fp16": "fp16", "fp32": "no"}[precision]  # bf16-pure: no autocast
 
 
 # ---------------------------------------------------------------------------------------------

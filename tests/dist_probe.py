@@ -41,6 +41,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--lora-targets", default="q_proj,v_proj")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--pure-bf16", action="store_true", help="train.precision bf16-pure: bf16 weights (adapters too), no autocast")
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--local_rank", type=int, default=-1)
@@ -226,6 +227,9 @@ def main() -> None:
     cfg = LlamaConfig.from_pretrained(args.model_dir)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)  # fp32: full fine-tuning keeps fp32 weights; DeepSpeed/FSDP cast for compute
+    if args.pure_bf16:
+        assert not bf16, "bf16-pure runs without mixed precision"
+        model = model.to(torch.bfloat16)
     if args.method == "qlora":
         model = load_qlora(model, args, acc, torch.bfloat16 if bf16 else torch.float32)
     if args.method in ("lora", "qlora"):
@@ -235,7 +239,7 @@ def main() -> None:
             model = model.to(torch.bfloat16)  # ftl loads the frozen base in the compute dtype
         lcfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                           target_modules=args.lora_targets.split(","), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lcfg)  # adapters upcast to fp32 (autocast_adapter_dtype)
+        model = get_peft_model(model, lcfg, autocast_adapter_dtype=not args.pure_bf16)  # fp32 adapters unless pure
     trainable = [p for p in model.parameters() if p.requires_grad]
     report: dict = {
         "rank": rank,

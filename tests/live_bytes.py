@@ -371,6 +371,7 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
     full: fp32 parameters, forward under autocast(bf16/fp16) (none for fp32).
     lora: base loaded in the compute dtype (bf16/fp16; fp32 for fp32), PEFT adapters in fp32.
     qlora: lora with the linears in NF4 (bitsandbytes), prepared by the trainer's prepare_kbit.
+    bf16-pure: every method loaded in bf16, adapters bf16 too, no autocast.
     """
     import transformers as tf
 
@@ -378,10 +379,11 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
     # ftl's trainer turns the KV cache off for training: with it on, the forward builds a
     # DynamicCache whose cat() copies k and v (GPT-2 then keeps them beside the fused qkv output)
     cfg.use_cache = False
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    pure = precision == "bf16-pure"
+    half = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16}.get(precision)
     kwargs: dict[str, Any] = {"attn_implementation": attn}
     auto = tf.AutoModelForSequenceClassification if head == "seq_cls" else tf.AutoModelForCausalLM
-    if method in ("lora", "qlora") and half is not None:
+    if (method in ("lora", "qlora") or pure) and half is not None:
         kwargs["dtype"] = half
     if method == "qlora":
         # bitsandbytes quantizes on load: save the random model and load it back (local files only),
@@ -409,7 +411,7 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
             p.requires_grad_(False)
         lcfg = peft.LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, target_modules=targets,
                                task_type="SEQ_CLS" if head == "seq_cls" else "CAUSAL_LM")
-        model = peft.get_peft_model(model, lcfg)
+        model = peft.get_peft_model(model, lcfg, autocast_adapter_dtype=not pure)
     if checkpointing:
         # transformers 5: activation_checkpointing_enable (gradient_checkpointing_enable is its
         # deprecated alias); both also call enable_input_require_grads() for input_ids models
@@ -429,7 +431,7 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
         batch["labels"] = torch.randint(0, 2, (micro_batch,), generator=g)
     else:
         batch["labels"] = ids.clone()
-    return Setup(model, half, head, batch)
+    return Setup(model, None if pure else half, head, batch)
 
 
 def measure_saved(setup: Setup, labels: bool = False) -> tuple[SavedTensors, torch.Tensor]:

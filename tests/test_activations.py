@@ -110,6 +110,12 @@ SAVED_CASES = [
     Case("bert", "lora", batch=2, head="seq_cls"),  # attention dropout: the CPU's SDPA math path
     Case("distilbert", "lora", attn="eager", batch=2, head="seq_cls"),
     Case("llama", "lora", batch=2, head="seq_cls"),
+    # bf16-pure: bf16 weights (adapters too), no autocast
+    Case("llama", "full", "bf16-pure"),
+    Case("llama", "lora", "bf16-pure"),
+    Case("llama", "full", "bf16-pure", ckpt=True),
+    Case("gpt2", "full", "bf16-pure", overrides=NO_ATTN_DROP),
+    Case("llama", "freeze", "bf16-pure"),
 ]
 
 PEAK_CASES = [
@@ -122,6 +128,8 @@ PEAK_CASES = [
     Case("gpt2", "full", "fp32", overrides=NO_ATTN_DROP),
     Case("distilbert", "lora", attn="eager", batch=2, head="seq_cls"),  # forward (no logits)
     Case("llama", "lora", "fp32", attn="eager", lora_dropout=0.0),
+    Case("llama", "full", "bf16-pure"),
+    Case("llama", "lora", "bf16-pure"),
 ]
 
 

@@ -281,3 +281,26 @@ def test_cli_table_launch_line_json_and_plot(tmp_path):
     assert d["chosen"]["world_size"] <= 4 and d["launch_command"].startswith("ftl launch")
     bad = _ftl("plan", str(R70), "--deadline", "1m")
     assert bad.returncode == 2 and "closest is" in bad.stderr
+
+
+def test_bf16_pure_plans_only_strategies_that_can_run_it():
+    """DeepSpeed ZeRO keeps fp32 master weights: a bf16-pure recipe is planned, auto-resolved and given fit
+    suggestions on DDP and FSDP only, and costs less memory than mixed precision for full fine-tuning."""
+    mixed = _recipe(MODELS[0], "full", gpn=4, strategy="auto")
+    pure = mixed.model_copy(update={"train": mixed.train.model_copy(update={"precision": "bf16-pure"})})
+    res = plan(pure, [pure.cluster], objective="time")
+    assert res.candidates and {c.strategy for c in res.candidates} <= {"ddp", "fsdp"}
+    assert choose_strategy(pure) in ("ddp", "fsdp")
+    mixed_res = plan(mixed, [mixed.cluster], objective="time")
+    assert {c.strategy for c in mixed_res.candidates} > {"ddp", "fsdp"}  # the mixed recipe also gets ZeRO
+    same = lambda c: (c.strategy, c.offload, c.micro_batch_size, c.gradient_checkpointing)  # noqa: E731
+    by_key = {same(c): c for c in mixed_res.candidates}
+    for c in res.candidates:
+        assert c.peak_bytes < by_key[same(c)].peak_bytes
+    big = _recipe(MODELS[2], "full", gpu="l4", gpn=2, strategy="auto")
+    tight = big.model_copy(update={"train": big.train.model_copy(update={"precision": "bf16-pure"})})
+    est = estimate(tight)
+    assert est.fits is False
+    for s in est.suggestions:
+        assert s["set"].get("parallel.strategy", "fsdp") in ("ddp", "fsdp"), s
+        assert "parallel.offload" not in s["set"], s

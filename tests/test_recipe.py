@@ -141,3 +141,19 @@ def test_model_resolution_orders(model_dir, tmp_path):
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FTL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("sets,field,value", [
+    ({"train": {"precision": "bf16-pure"}, "parallel": {"strategy": "zero3"}}, "parallel.strategy", "zero3"),
+    ({"train": {"precision": "bf16-pure"}, "method": "qlora", "quantization": {"compute_dtype": "fp16"}},
+     "quantization.compute_dtype", "fp16"),
+    ({"method": "qlora", "quantization": {"bits": 8}}, "quantization.bits", 8),
+])
+def test_conflicting_keys_name_the_field_value_and_fix(tmp_path, sets, field, value):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "model": "llama-3.2-1b", **sets}))
+    with pytest.raises(RecipeError) as ei:
+        load_recipe(p)
+    e = ei.value
+    assert e.file == str(p) and e.field == field and e.value == value
+    assert "{" not in str(e)  # the field's value, not the whole recipe

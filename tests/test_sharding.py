@@ -102,13 +102,14 @@ def tiny(tmp_path_factory):
     return d, cfg
 
 
-def run_probe(tmp: Path, model_dir: Path, arch, strategy: str, method: str) -> list[dict]:
+def run_probe(tmp: Path, model_dir: Path, arch, strategy: str, method: str, pure: bool = False) -> list[dict]:
     yaml = _fsdp_yaml(tmp) if strategy == "fsdp" else _deepspeed_yaml(tmp, int(strategy[-1]), arch)
     out = tmp / f"{strategy}-{method}"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml),
-           "--main_process_port", str(_free_port()), "--mixed_precision", "bf16",
+           "--main_process_port", str(_free_port()), "--mixed_precision", "no" if pure else "bf16",
            str(PROBE), "--strategy", strategy, "--method", method, "--model-dir", str(model_dir),
            "--out", str(out), "--lora-r", str(LORA["r"]), "--lora-targets", ",".join(LORA["target_modules"])]
+    cmd += ["--pure-bf16"] if pure else []
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "MASTER_", "WORLD_SIZE", "RANK", "LOCAL_RANK"))}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -120,10 +121,10 @@ def run_probe(tmp: Path, model_dir: Path, arch, strategy: str, method: str) -> l
     return reports
 
 
-def _estimate(cfg, model_dir, method: str, strategy: str):
+def _estimate(cfg, model_dir, method: str, strategy: str, precision: str = "bf16"):
     arch = arch_from_config(cfg.to_dict())
     recipe = recipe_from_dict({"name": "t", "model": str(model_dir), "method": method,
-                               "train": {"precision": "bf16"}, "lora": LORA})
+                               "train": {"precision": precision}, "lora": LORA})
     plan = plan_params(arch, recipe)
     return arch, plan, recipe, state_bytes(arch, plan, recipe, strategy, 2, 2)
 
@@ -227,3 +228,26 @@ def test_fsdp2_bf16(tmp_path, tiny, method):
         train_gap = gap * (1 if method == "full" else 0)
         assert g["bytes"] == est.phases["kept"]["gradients"] - train_gap
         assert rep["after_step"]["optimizer_state_bytes"] == est.detail["adam moments"] - 2 * train_gap
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_fsdp2_bf16_pure(tmp_path, tiny, method):
+    """train.precision bf16-pure: bf16 shards (adapters too), bf16 gradients and AdamW moments."""
+    model_dir, cfg = tiny
+    arch, plan, recipe, est = _estimate(cfg, model_dir, method, "fsdp", "bf16-pure")
+    reps = run_probe(tmp_path, model_dir, arch, "fsdp", method, pure=True)
+    assert "fp32 master weights" not in est.detail and "base weights (fp32)" not in est.detail
+    shard = est.detail["base weights (bf16)"] + est.detail.get("lora adapters", 0)
+    short = 2 * arch.hidden * 2  # rank 1 holds one vocabulary row fewer of embed_tokens and lm_head
+    for rep in reps:
+        assert rep["mixed_precision"] == "no"
+        p = rep["after_step"]["params"]
+        assert p["dtypes"] == ["torch.bfloat16"]
+        gap = 0 if rep["rank"] == 0 else short
+        assert p["local_bytes"] == shard - gap
+        g = rep["inner_step"]["grads"]
+        assert g["dtypes"] == ["torch.bfloat16"]
+        train_gap = gap if method == "full" else 0
+        assert g["bytes"] == est.phases["kept"]["gradients"] - train_gap
+        assert rep["after_step"]["optimizer_state_bytes"] == est.detail["adam moments"] - 2 * train_gap
+        assert rep["after_step"]["optimizer_state_dtypes"] == ["torch.bfloat16"]

@@ -137,42 +137,21 @@ def tiny(tmp_path_factory):
 
 
 def build(model_dir, cfg, recipe):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    """The model as the trainer builds it (launcher/train/model.py): load_base in the method's dtype,
+    prepare_for_method (freeze's trained modules, PEFT's k-bit preparation with its fp32 upcast undone,
+    the LoRA config), the adapters; for qlora (and lora under bf16-pure) TRL's bf16 cast of the
+    trainables and the trainer's cast_trainable after it (launcher/train/run.py)."""
+    from launcher.train import model as M
 
-    method, precision = recipe.method, recipe.train.precision
-    cd = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
-    lcfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, target_modules=recipe.lora.target_modules,
-                      modules_to_save=recipe.lora.modules_to_save or None, task_type="CAUSAL_LM")
-    if method == "qlora":
-        # the trainer's own path: load_base (NF4 on the CPU), prepare_for_method (PEFT's k-bit preparation
-        # with its fp32 upcast undone), the adapters, then TRL's bf16 cast of the trainables for a 4-bit
-        # model and the trainer's upcast_trainable after it (launcher/train/run.py)
-        from launcher.train import model as M
-
-        model = M.load_base(recipe, str(model_dir), None, device="cpu", strategy="ddp")
-        model, peft_config = M.prepare_for_method(model, recipe)
-        model = M.attach_adapters(model, peft_config)
+    model = M.load_base(recipe, str(model_dir), None, device="cpu", strategy="ddp")
+    model, peft_config = M.prepare_for_method(model, recipe)
+    if peft_config is not None:
+        model = M.attach_adapters(model, peft_config, recipe)
+    if recipe.method == "qlora" or (recipe.method == "lora" and M.pure_bf16(recipe)):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)  # what TRL's SFTTrainer / DPOTrainer do
-        M.upcast_trainable(model)
-        return model
-    if method == "full":
-        return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # AMP keeps fp32 weights
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=cd)
-    if method == "lora":
-        return get_peft_model(model, lcfg)  # adapters upcast to fp32 by PEFT
-    # freeze: the last k layers, the final norm and the head train, upcast to fp32
-    k = recipe.freeze.trainable_layers
-    train = [model.model.layers[i] for i in range(cfg.num_hidden_layers - k, cfg.num_hidden_layers)]
-    train += [model.model.norm] + ([model.lm_head] if recipe.freeze.train_head else [])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in train:
-        for p in m.parameters():
-            p.data = p.data.float()
-            p.requires_grad_(True)
+        M.cast_trainable(model, M.trained_dtype(recipe))
     return model
 
 
@@ -189,7 +168,7 @@ def make_optimizer(name, params, foreach=None):
 
 def one_step(model, opt, precision):
     x = torch.randint(0, 250, (2, 8), generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision != "fp32"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision not in ("fp32", "bf16-pure")):
         loss = model(input_ids=x, labels=x).loss
     loss.backward()
     grads = grad_bytes(model)
@@ -250,6 +229,12 @@ CASES = [
     ("qlora", "bf16", "adamw", {}),
     ("qlora", "bf16", "paged_adamw_8bit", {}),
     ("qlora", "bf16", "adamw", {"lora": {"modules_to_save": ["lm_head"]}}),  # the copy trains in bf16, as lora's
+    # bf16-pure: weights, gradients and AdamW moments in bf16 (8-bit states as ever)
+    ("full", "bf16-pure", "adamw", {}),
+    ("full", "bf16-pure", "adamw_8bit", {}),
+    ("lora", "bf16-pure", "adamw", {"lora": {"modules_to_save": ["lm_head"]}}),
+    ("freeze", "bf16-pure", "adamw", {"freeze": {"trainable_layers": 1}}),
+    ("qlora", "bf16-pure", "adamw", {}),
 ]
 
 
@@ -276,7 +261,7 @@ def test_gradients_and_optimizer_after_one_step(tiny, method, precision, optimiz
         assert (torch.float32 in kinds) == ("32-bit adam state (small tensors)" in est.detail), est.detail
 
 
-@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16"), ("freeze", "bf16")])
+@pytest.mark.parametrize("method,precision", [("full", "fp32"), ("lora", "bf16"), ("freeze", "bf16"), ("full", "bf16-pure")])
 def test_foreach_adamw_step_temporary(tiny, method, precision):
     """torch AdamW(foreach=True), the default on GPUs, allocates one exp_avg_sq-sized tensor."""
     model_dir, cfg = tiny

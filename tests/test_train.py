@@ -269,6 +269,32 @@ def test_full_sft_through_the_subprocess_entry_point(tmp_path):
 
 
 @pytest.mark.slow
+def test_bf16_pure_trains_with_bf16_states_as_estimated(tmp_path):
+    """train.precision bf16-pure: weights, gradients and AdamW moments in bf16 (2 + 2 + 4 bytes per trained
+    parameter, as state_bytes says), no autocast, and the loss falls."""
+    from launcher.estimate.arch import arch_from_config
+    from launcher.estimate.params import plan_params
+    from launcher.estimate.states import state_bytes
+
+    run = make_run(tmp_path, method="full", task="sft", data={"path": str(DATA / "alpaca.jsonl"), "max_seq_len": 64},
+                   train={"max_steps": 12, "logging_steps": 1, "micro_batch_size": 4, "lr": 2e-3, "precision": "bf16-pure",
+                          "warmup_ratio": 0})
+    assert run_inprocess(run) == 0
+    ls = losses(run)
+    assert sorted(ls) == list(range(1, 13)) and all(math.isfinite(v) for v in ls.values())
+    assert sum(ls[s] for s in (10, 11, 12)) / 3 < sum(ls[s] for s in (1, 2, 3)) / 3 - 0.5  # the loss falls
+    res = json.loads((run / "result.json").read_text())
+    shard = json.loads((run / "shards" / "rank-0.json").read_text())
+    n = res["params"]["total"]
+    recipe = recipe_from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
+    arch = arch_from_config(json.loads((TINY / "config.json").read_text()))
+    est = state_bytes(arch, plan_params(arch, recipe), recipe, "ddp", 1, 1)
+    assert shard["local_bytes"] == {"params": 2 * n, "gradients": 2 * n, "optimizer": 4 * n}
+    assert shard["local_bytes"]["params"] == est.detail["base weights (bf16)"]
+    assert shard["local_bytes"]["gradients"] == est.gradients and shard["local_bytes"]["optimizer"] == est.optimizer
+
+
+@pytest.mark.slow
 def test_classification_learns_a_separable_set(tmp_path):
     run = make_run(tmp_path, method="full", task="classification",
                    data={"path": str(DATA / "sentiment.csv"), "max_seq_len": 64, "validation_fraction": 0.1,

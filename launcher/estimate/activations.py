@@ -21,6 +21,8 @@ No torch here: `ftl estimate` must answer without importing it.
 
 Conventions (what ftl's trainer does):
 * full / freeze: parameters in fp32, forward under autocast(bf16|fp16); fp32 precision: no autocast.
+* bf16-pure: every parameter (adapters included) in bf16 and no autocast: the residual stream, the
+  LoRA round trip and the saved inputs are bf16; norms and softmax still upcast internally.
 * lora / qlora: frozen base in the compute dtype (bf16/fp16; qlora: 4-bit linears computing in it),
   adapters in fp32 (PEFT's autocast_adapter_dtype), forward under autocast.
 * gradient checkpointing: non-reentrant, one checkpoint per decoder layer (transformers'
@@ -200,6 +202,7 @@ class _Ctx:
     quantized: set[tuple[str, str]]  # bitsandbytes 4-bit linears
     lora_r: int
     lora_p: float
+    adapter_nb: int  # element size of the LoRA adapters: fp32, bf16 under bf16-pure
     dropout: dict[str, float]
     masked: bool
     layer_trains: list[bool]  # per layer: its own weights train (full / freeze)
@@ -226,10 +229,10 @@ def _linear(c: _Ctx, x: _T, block: str, lin: Linear, trains: bool) -> _T:
             tr.weight_copy_params += lin.weight_params
     is_lora = (block, lin.name) in c.lora_targets
     if is_lora:
-        x32 = tr.cast(x, FP32)
+        x32 = tr.cast(x, c.adapter_nb)
         xd = tr.dropout(x32, c.lora_p)
         tr.save(tr.autocast_in(xd), "lora inputs")
-        tr.save(tr.new(c.lora_r, tr.cd if tr.autocast else FP32, True), "lora inputs")
+        tr.save(tr.new(c.lora_r, tr.cd if tr.autocast else c.adapter_nb, True), "lora inputs")
         if tr.autocast:  # cached 16-bit copies of A (kept if x needs grad) and B (always)
             tr.weight_copy_params += c.lora_r * (lin.in_features * x.rg + lin.out_features)
     return tr.new(lin.out_features, out_nb, x.rg or trains or is_lora)
@@ -580,19 +583,21 @@ def _run(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device, checkpoi
     """The symbolic forward of one micro-batch: returns the trace (saved storages of everything
     outside checkpointed layers), the saved bytes per token of each layer, and the context."""
     precision = recipe.train.precision
-    autocast = precision != "fp32"
-    cd = 2 if autocast else FP32
+    pure = precision == "bf16-pure"
+    autocast = precision not in ("fp32", "bf16-pure")
+    cd = FP32 if precision == "fp32" else 2
     method = recipe.method
     lora = method in ("lora", "qlora")
     # lora / qlora: base in the compute dtype (qlora: what stays unquantized -- embeddings, norms,
-    # head -- is put back in it after prepare_model_for_kbit_training); full/freeze: fp32 masters
-    base_nb = cd if lora else FP32
+    # head -- is put back in it after prepare_model_for_kbit_training); full/freeze: fp32 masters;
+    # bf16-pure: bf16 everywhere
+    base_nb = cd if (lora or pure) else FP32
     tr = _Trace(autocast=autocast, cd=cd, device=device)
     c = _Ctx(
         arch=arch, recipe=recipe, params=params, tr=tr, s=s, cd=cd, base_nb=base_nb,
         lora_targets=_lora_target_keys(params) if lora else set(),
         quantized={(b_.name, l.name) for b_, l in params.quantized_linears},
-        lora_r=recipe.lora.r, lora_p=recipe.lora.dropout,
+        lora_r=recipe.lora.r, lora_p=recipe.lora.dropout, adapter_nb=2 if pure else FP32,
         dropout=_dropouts(arch), masked=recipe.data.packing and recipe.train.attn_implementation == "sdpa",
         layer_trains=_layer_trains(arch, recipe),
     )
@@ -755,5 +760,5 @@ def _backward_transient(arch: Arch, recipe: Recipe, c: _Ctx, tokens: int, recomp
     per_token = 2 * res * arch.hidden + 3 * cd * inter
     widest = max((l.in_features for b, l in c.params.lora_targets if b.name == "layer"), default=0)
     if widest and recipe.method in ("lora", "qlora"):
-        per_token += widest * (FP32 * (c.base_nb != FP32) + FP32 * (c.lora_p > 0))
+        per_token += widest * (c.adapter_nb * (c.base_nb != c.adapter_nb) + c.adapter_nb * (c.lora_p > 0))
     return int(per_token * tokens + recomputed)

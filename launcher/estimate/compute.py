@@ -27,7 +27,7 @@ def default_mfu(method: str, gpu_key: str | None) -> float:
 
 
 def peak_tflops(gpu: GpuSpec, precision: str) -> float:
-    if precision == "bf16":
+    if precision in ("bf16", "bf16-pure"):
         return gpu.bf16_tflops
     if precision == "fp16":
         return gpu.fp16_tflops

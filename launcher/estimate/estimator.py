@@ -219,7 +219,9 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
     comm_detail: dict[str, float] = {}
     if gpu is not None:
         w16 = 2 if recipe.train.precision != "fp32" else 4
-        grad_b = params.trainable * (4 if recipe.train.precision == "fp32" or strategy == "ddp" else 2)
+        # DDP all-reduces the fp32 gradients of mixed precision; bf16-pure gradients are bf16
+        grad_b = params.trainable * (4 if recipe.train.precision == "fp32"
+                                     or (strategy == "ddp" and recipe.train.precision != "bf16-pure") else 2)
         comm = comm_volume(strategy, world, recipe.train.grad_accum, grad_b, params.total * w16,
                            params.trainable * w16, recipe.parallel.offload)
         comm_detail = comm.detail
@@ -230,9 +232,10 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
             total_s = steps * st_s
             cost = total_cost(total_s, world, cl.price_per_gpu_hour)
 
-    checkpoint = (params.trainable * 4 + mem.states.optimizer * (world if strategy != "ddp" else 1)
-                  if recipe.method in ("full", "freeze") else params.trainable * 4 * 3)
-    final = arch.published_bytes if recipe.method in ("full", "freeze") else params.trainable * 4
+    master_b = 2 if recipe.train.precision == "bf16-pure" else 4  # bytes per trained weight saved
+    checkpoint = (params.trainable * master_b + mem.states.optimizer * (world if strategy != "ddp" else 1)
+                  if recipe.method in ("full", "freeze") else params.trainable * master_b * 3)
+    final = arch.published_bytes if recipe.method in ("full", "freeze") else params.trainable * master_b
     disk = (arch.published_bytes if spec.origin != "local" else 0) + recipe.train.save_total_limit * checkpoint + final
 
     assumptions = {

@@ -23,7 +23,7 @@ from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
 from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
-from launcher.spec.recipe import RENTED, STRATEGIES, Cluster, Parallel, Recipe
+from launcher.spec.recipe import PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe
 
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
@@ -161,6 +161,14 @@ class PlanResult:
 # Search
 
 
+def runnable(recipe: Recipe, strategies: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The (strategy, offload) pairs the recipe can run under: bf16-pure rules out DeepSpeed ZeRO, whose bf16
+    optimizer keeps fp32 master weights."""
+    if recipe.train.precision == "bf16-pure":
+        return [so for so in strategies if so[0] in PURE_BF16_STRATEGIES]
+    return list(strategies)
+
+
 def _pow2_upto(n: int) -> list[int]:
     out, k = [], 1
     while k <= n:
@@ -244,7 +252,8 @@ def enumerate_candidates(
             if gb % world:
                 continue  # the global batch cannot be split evenly over this many GPUs
             cl = prof.model_copy(update={"nodes": nodes, "gpus_per_node": gpn})
-            so_list = strategies if strategies is not None else (SINGLE_GPU_STRATEGIES if world == 1 else MULTI_GPU_STRATEGIES)
+            so_list = runnable(recipe, strategies if strategies is not None else
+                               (SINGLE_GPU_STRATEGIES if world == 1 else MULTI_GPU_STRATEGIES))
             for method, mr in mrecipes.items():
                 for mb in _pow2_upto(gb // world):
                     if (gb // world) % mb:
@@ -446,7 +455,9 @@ def choose_strategy(recipe: Recipe, spec: ModelSpec | None = None, arch: Arch | 
     if not cl.gpu:
         return "ddp"  # no GPU named: nothing to compare (CPU processes run DDP on gloo)
     off = recipe.parallel.offload
-    strategies = [(s, off) for s in STRATEGIES if not (s == "ddp" and off != "none")]
+    strategies = runnable(recipe, [(s, off) for s in STRATEGIES if not (s == "ddp" and off != "none")])
+    if not strategies:
+        return "fsdp"  # bf16-pure with an offload: FSDP2 (its offload is all or nothing)
     cands, _ = _single_world(recipe, strategies, spec, arch)
     fitting = [c for c in cands if c.fits]
     if fitting:
@@ -500,9 +511,11 @@ def _variants(r: Recipe, strategy: str, world: int) -> list[tuple[str, dict[str,
                     {"train.micro_batch_size": 1, "train.grad_accum": t.grad_accum * t.micro_batch_size}))
     if t.optimizer == "adamw" and r.method in ("full", "freeze"):
         out.append(("8-bit AdamW (bitsandbytes)", {"train.optimizer": "adamw_8bit"}))
+    pure = t.precision == "bf16-pure"
     if world > 1 and strategy not in ("zero3", "fsdp"):
-        out.append(("shard everything with ZeRO-3", {"parallel.strategy": "zero3"}))
-    if r.parallel.offload == "none" and r.method in ("full", "freeze"):
+        out.append(("shard everything with FSDP", {"parallel.strategy": "fsdp"}) if pure else
+                   ("shard everything with ZeRO-3", {"parallel.strategy": "zero3"}))
+    if r.parallel.offload == "none" and r.method in ("full", "freeze") and not pure:
         out.append(("offload optimizer states to CPU (ZeRO)", {"parallel.offload": "optimizer", "parallel.strategy": "zero3" if world > 1 else "zero2"}))
     if r.method == "full":
         out.append(("LoRA instead of full fine-tuning", {"method": "lora"}))

@@ -18,6 +18,9 @@ Conventions (what ftl's trainer does; the estimate follows them):
   Under ZeRO-3/FSDP the packed NF4 bytes are stored as the compute dtype (bnb_4bit_quant_storage)
   and sharded like any parameter; the quantization constants stay whole on every rank (measured).
 * freeze: frozen part in the compute dtype, trainable part upcast to fp32.
+* bf16-pure (any method; DDP and FSDP2 only): every parameter in bf16, LoRA adapters and trained
+  weights included, so gradients and torch AdamW moments are bf16 too (2 + 2 + 4 bytes per trained
+  parameter; bitsandbytes' 8-bit states as ever). No autocast, no fp32 master anywhere.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from dataclasses import dataclass, field
 
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
-from launcher.spec.recipe import STRATEGIES, Recipe
+from launcher.spec.recipe import PURE_BF16_STRATEGIES, STRATEGIES, Recipe
 
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "bf16-pure": 2, "fp16": 2}
 
 # bitsandbytes 0.50.2 4-bit storage (Params4bit + QuantState)
 NF4_BLOCK = 64  # weights per absmax
@@ -308,8 +311,14 @@ def state_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, strategy: str, wo
     tensors = inventory(arch, params, recipe)
     w, g, o, tmp, host = _Lines(), _Lines(), _Lines(), _Lines(), _Lines()
 
+    pure = precision == "bf16-pure"
+    if pure and strategy not in PURE_BF16_STRATEGIES:
+        raise ValueError(f"train.precision bf16-pure cannot run under {strategy} (fp32 master weights)")
+
     # --- dtype of each tensor as held on the device (before sharding) ---------------------------
     def held_bytes(t: Tensor) -> int:
+        if pure:
+            return 2
         if ds and half:
             return 2  # DeepSpeed casts the whole module (adapters included) to 16 bit
         if method == "full":

@@ -22,14 +22,25 @@ BUILTIN_LOCAL_PROFILE = "local"
 
 Method = Literal["full", "freeze", "lora", "qlora"]
 Task = Literal["sft", "dapt", "classification", "dpo"]
-Precision = Literal["bf16", "fp16", "fp32"]
+Precision = Literal["bf16", "bf16-pure", "fp16", "fp32"]  # bf16: mixed (fp32 master weights); bf16-pure: bf16 throughout
+ComputeDtype = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
 Strategy = Literal["auto", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 STRATEGIES: tuple[str, ...] = tuple(s for s in get_args(Strategy) if s != "auto")  # what a run can really use
+# DeepSpeed ZeRO's bf16 optimizer always keeps fp32 master weights, so only these can train bf16-pure
+PURE_BF16_STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 Offload = Literal["none", "optimizer", "params"]
 AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
 Provider = Literal["local", "slurm", "ssh", "runpod", "lambda"]
 RENTED: tuple[str, ...] = ("runpod", "lambda")  # providers whose machines ftl rents (facts: catalog/providers.yaml)
+
+
+class FieldConflict(ValueError):
+    """A value that conflicts with another key of the recipe: reported on `field` (not on the whole recipe)."""
+
+    def __init__(self, field: str, value: Any, fix: str):
+        super().__init__(fix)
+        self.field, self.value, self.fix = field, value, fix
 
 
 class _Strict(BaseModel):
@@ -50,7 +61,7 @@ class Quantization(_Strict):
     bits: Literal[4, 8] = 4
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
-    compute_dtype: Precision = "bf16"
+    compute_dtype: ComputeDtype = "bf16"
     skip_modules: list[str] = Field(default_factory=list, description="Linear modules left unquantized (the output head always is).")
 
 
@@ -87,7 +98,9 @@ class Train(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    precision: Precision = "bf16"
+    precision: Precision = Field("bf16", description="bf16: mixed precision (fp32 master weights, gradients and "
+                                 "AdamW moments; bf16 compute). bf16-pure: weights, gradients and optimizer states in bf16 "
+                                 "(DDP and FSDP only). fp16 needs a GPU; fp32: no autocast.")
     gradient_checkpointing: bool = False
     attn_implementation: AttnImpl = "sdpa"
     seed: int = 42
@@ -197,9 +210,15 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if self.method == "qlora" and self.quantization.bits != 4:
-            raise ValueError("method 'qlora' needs quantization.bits: 4")
-        if self.train.precision == "fp16" and self.method == "qlora" and self.quantization.compute_dtype == "bf16":
-            pass  # allowed: compute dtype is independent of the AMP dtype
+            raise FieldConflict("quantization.bits", self.quantization.bits, "method 'qlora' needs quantization.bits: 4")
+        if self.train.precision == "bf16-pure":
+            if self.parallel.strategy not in ("auto",) + PURE_BF16_STRATEGIES:
+                raise FieldConflict("parallel.strategy", self.parallel.strategy,
+                                    "train.precision 'bf16-pure' cannot run under DeepSpeed ZeRO, which keeps fp32 master "
+                                    "weights; use parallel.strategy fsdp (or ddp, or auto), or train.precision bf16")
+            if self.method == "qlora" and self.quantization.compute_dtype != "bf16":
+                raise FieldConflict("quantization.compute_dtype", self.quantization.compute_dtype,
+                                    "train.precision 'bf16-pure' computes in bf16: set quantization.compute_dtype bf16")
         return self
 
     @property
@@ -295,6 +314,9 @@ def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: s
     field = prefix + ".".join(str(p) for p in loc)
     value = e.get("input")
     kind = e["type"]
+    conflict = (e.get("ctx") or {}).get("error")
+    if isinstance(conflict, FieldConflict):
+        return RecipeError(file, prefix + conflict.field, conflict.value, conflict.fix)
     if kind == "extra_forbidden":
         owner = _field_model(loc, root)
         hint = did_you_mean(str(loc[-1]), _model_fields(owner)) if owner else ""

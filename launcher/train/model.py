@@ -7,6 +7,9 @@
 | lora | compute dtype (bf16, or fp32 when precision fp32) | fp32 adapters (PEFT autocast_adapter_dtype) |
 | qlora | NF4 linears (bitsandbytes, double quant, compute dtype); the rest in the compute dtype, as lora | fp32 adapters |
 
+With `train.precision: bf16-pure` everything is bf16 and nothing is autocast: the weights of every method, the
+trained ones and the LoRA adapters included (so their gradients and AdamW moments are bf16 too).
+
 QLoRA is LoRA's model with the linears in NF4: after PEFT's `prepare_model_for_kbit_training` (which freezes
 everything and enables gradient checkpointing) the embeddings, norms, head and biases it upcast to fp32 go back to
 the compute dtype (`prepare_kbit`); fp32 copies of them cost ~2 GB on an 8B model (plus an fp32 residual stream and
@@ -41,7 +44,7 @@ from launcher.spec.recipe import Recipe
 
 log = logging.getLogger("ftl.train")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 FINAL_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "pooler", "pre_classifier")
 HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -75,10 +78,19 @@ def resolve_source(ref: str) -> ModelSource:
     return ModelSource(ref, ref, False, True)
 
 
+def pure_bf16(recipe: Recipe) -> bool:
+    return recipe.train.precision == "bf16-pure"
+
+
+def trained_dtype(recipe: Recipe) -> torch.dtype:
+    """dtype of the parameters that train: fp32 masters, or bf16 under bf16-pure."""
+    return torch.bfloat16 if pure_bf16(recipe) else torch.float32
+
+
 def compute_dtype(recipe: Recipe) -> torch.dtype:
-    """dtype of the frozen base weights (and of the trained ones for full: fp32)."""
+    """dtype of the frozen base weights (and of the trained ones for full: fp32, bf16 under bf16-pure)."""
     if recipe.method == "full":
-        return torch.float32
+        return trained_dtype(recipe)
     if recipe.method == "qlora":
         return qlora_compute_dtype(recipe)
     return DTYPES[recipe.train.precision]
@@ -269,11 +281,12 @@ def apply_freeze(model, recipe: Recipe) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     names = []
+    want = trained_dtype(recipe)
     for name, mod in freeze_modules(model, recipe):
         names.append(name)
         for p in mod.parameters():
-            if p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()  # trained weights are fp32 masters (autocast casts per op)
+            if p.is_floating_point() and p.dtype != want:
+                p.data = p.data.to(want)  # trained weights are fp32 masters (autocast casts per op), or bf16-pure
             p.requires_grad_(True)
     return names
 
@@ -348,16 +361,17 @@ def prepare_kbit(model, gradient_checkpointing: bool):
     return model
 
 
-def attach_adapters(model, peft_config):
+def attach_adapters(model, peft_config, recipe: Recipe):
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config)  # adapters in fp32 (autocast_adapter_dtype=True)
+    # adapters in fp32 (autocast_adapter_dtype=True), or in the base's bf16 under bf16-pure
+    return get_peft_model(model, peft_config, autocast_adapter_dtype=not pure_bf16(recipe))
 
 
-def upcast_trainable(model) -> int:
+def cast_trainable(model, adapter_dtype: torch.dtype = torch.float32) -> int:
     """Trainable parameters back to the dtype LoRA trains them in (TRL casts a 4-bit model's trainables to bf16):
-    adapters fp32, modules_to_save copies the dtype of the module they copy (PEFT's copy, as with lora).
-    Returns how many elements changed dtype."""
+    adapters fp32 (bf16 under bf16-pure), modules_to_save copies the dtype of the module they copy (PEFT's copy,
+    as with lora). Returns how many elements changed dtype."""
     want: dict[int, torch.dtype] = {}
     for m in model.modules():
         orig, copies = getattr(m, "original_module", None), getattr(m, "modules_to_save", None)
@@ -369,7 +383,7 @@ def upcast_trainable(model) -> int:
                         want[id(p)] = base[name].dtype
     n = 0
     for p in model.parameters():
-        dtype = want.get(id(p), torch.float32)
+        dtype = want.get(id(p), adapter_dtype)
         if p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
             n += p.numel()

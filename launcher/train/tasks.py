@@ -268,7 +268,7 @@ def trainer_kwargs(recipe: Recipe, tokenizer, model, peft_config) -> tuple[Any, 
             kw["peft_config"] = peft_config
         return model, kw
     if peft_config is not None:
-        model = attach_adapters(model, peft_config)
+        model = attach_adapters(model, peft_config, recipe)
     if recipe.task == "dapt":
         kw["data_collator"] = CausalLMCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     elif recipe.task == "classification":
