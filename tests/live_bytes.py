@@ -434,6 +434,18 @@ def build(cfg, *, method: str, precision: str = "bf16", attn: str = "sdpa", chec
     return Setup(model, None if pure else half, head, batch)
 
 
+def use_trl_head(setup: Setup) -> Setup:
+    """The loss through TRL's fused LM head, as TRL's SFT/DPO trainers run it (and `train.cross_entropy:
+    chunked` for DAPT): add_fused_lm_head on the base model, then forward with fused_lm_head=True."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = setup.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer asks for
+    setup.batch = {**setup.batch, "fused_lm_head": True}
+    return setup
+
+
 def measure_saved(setup: Setup, labels: bool = False) -> tuple[SavedTensors, torch.Tensor]:
     """Run the forward and loss under `SavedTensors`; returns the counter and the loss (graph kept)."""
     counter = SavedTensors(model=setup.model)

@@ -63,6 +63,7 @@ class Case:
     batch: int = 1
     head: str = "causal_lm"
     overrides: tuple[tuple[str, Any], ...] = ()
+    tiles: bool = False  # the loss through TRL's fused LM head (SFT); else full logits (DAPT)
 
     @property
     def id(self) -> str:
@@ -75,6 +76,8 @@ class Case:
             bits.append(f"b{self.batch}")
         if self.head != "causal_lm":
             bits.append(self.head)
+        if self.tiles:
+            bits.append("trl-head")
         return "-".join(bits)
 
 
@@ -116,6 +119,12 @@ SAVED_CASES = [
     Case("llama", "full", "bf16-pure", ckpt=True),
     Case("gpt2", "full", "bf16-pure", overrides=NO_ATTN_DROP),
     Case("llama", "freeze", "bf16-pure"),
+    # SFT: TRL's fused LM head (no full logits)
+    Case("llama", "lora", tiles=True),
+    Case("llama", "lora", batch=2, tiles=True),
+    Case("llama", "full", tiles=True),
+    Case("llama", "lora", "bf16-pure", tiles=True),
+    Case("gpt2", "lora", ckpt=True, overrides=NO_ATTN_DROP, tiles=True),
 ]
 
 PEAK_CASES = [
@@ -130,6 +139,8 @@ PEAK_CASES = [
     Case("llama", "lora", "fp32", attn="eager", lora_dropout=0.0),
     Case("llama", "full", "bf16-pure"),
     Case("llama", "lora", "bf16-pure"),
+    Case("llama", "lora", batch=2, tiles=True),
+    Case("llama", "full", tiles=True),
 ]
 
 
@@ -143,7 +154,7 @@ def _recipe(tmp: Path, case: Case, cfg) -> tuple[Any, Any, Any]:
         "name": "t",
         "model": str(tmp),
         "method": case.method,
-        "task": "classification" if case.head == "seq_cls" else "sft",
+        "task": "classification" if case.head == "seq_cls" else ("sft" if case.tiles else "dapt"),
         "lora": {"r": 8, "alpha": 16, "dropout": case.lora_dropout},
         "train": {
             "micro_batch_size": case.batch,
@@ -179,6 +190,8 @@ def _setup(tmp: Path, case: Case):
     )
     if case.method == "freeze":
         lb.freeze_all_but(setup.model, recipe.freeze.trainable_layers)
+    if case.tiles:
+        lb.use_trl_head(setup)
     return setup, pred, plan
 
 
@@ -268,7 +281,8 @@ def _predict(tmp: Path, cfg: dict[str, Any], device: str = "cuda", **train: Any)
     seq = train.pop("seq", 2048)
     dropout = train.pop("dropout", 0.05)
     packing = train.pop("packing", False)
-    recipe = recipe_from_dict({"name": "t", "model": str(tmp), "method": method, "lora": {"dropout": dropout},
+    task = train.pop("task", "dapt")  # full logits unless asked (sft: TRL's fused head)
+    recipe = recipe_from_dict({"name": "t", "model": str(tmp), "method": method, "task": task, "lora": {"dropout": dropout},
                                "train": train, "data": {"max_seq_len": seq, "packing": packing}})
     arch = arch_from_config(cfg, "causal_lm")
     return activation_bytes(arch, plan_params(arch, recipe), recipe, device=device)
@@ -364,3 +378,18 @@ def test_qlora_saves_what_lora_saves(ckpt: bool):
         measured[method] = (counter.activations, counter.weight_copies)
         del loss
     assert measured["qlora"] == measured["lora"], measured
+
+
+def test_trl_head_never_holds_tokens_by_vocab(tmp_path: Path):
+    """SFT (TRL's fused LM head): the loss buffers are one tile plus token x hidden gradients, so they do not
+    grow with the vocabulary, and a 4x longer micro-batch grows them far less than 4x the logits."""
+    cfg = _llama_cfg()
+    sft = _predict(tmp_path, cfg, task="sft", micro_batch_size=1)
+    dapt = _predict(tmp_path, cfg, task="dapt", micro_batch_size=1)
+    chunked = _predict(tmp_path, cfg, task="dapt", cross_entropy="chunked", micro_batch_size=1)
+    assert dapt.logits == 12 * 2048 * 128256
+    assert sft.logits == chunked.logits < dapt.logits / 10
+    big_vocab = _predict(tmp_path, _llama_cfg(vocab_size=4 * 128256), task="sft", micro_batch_size=1)
+    assert big_vocab.logits == sft.logits  # a LoRA run: the frozen head's size does not enter
+    # the tile buffer (2047 rows x 32768 bf16: fewer than 4096 rows) and the fp32 input gradient dominate
+    assert 2047 * 32768 * 2 + 4 * 2047 * 4096 <= sft.logits < 1.2 * (2047 * 32768 * 2 + 4 * 2047 * 4096)

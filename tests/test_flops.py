@@ -58,6 +58,9 @@ def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
 
 if hasattr(aten, "_grouped_mm"):
     _EXTRA[aten._grouped_mm] = _grouped_mm_flop
+# TRL's fused LM head accumulates its gradients with the in-place addmm_, which the counter's registry
+# (out-of-place addmm only) would miss: the same formula
+_EXTRA[aten.addmm_] = fcm.addmm_flop.__wrapped__
 
 
 def _llama_config(kv_heads: int = 4, **kw):
@@ -120,12 +123,13 @@ def _recipe(model_dir: Path, method: str, attn: str, gc: bool, targets, k: int, 
 
 
 def measure_and_predict(tmp: Path, family: str, method: str, attn: str, gc: bool, targets="all-linear",
-                        k: int = 0, head: str = "causal_lm", kv_heads: int = 4):
-    """(measured forward, measured backward, predicted StepFlops) for one training step of BATCH sequences."""
+                        k: int = 0, head: str = "causal_lm", kv_heads: int = 4, tiles: bool = False):
+    """(measured forward, measured backward, predicted StepFlops) for one training step of BATCH sequences;
+    `tiles`: the loss through TRL's fused LM head (an SFT recipe), else full logits (DAPT)."""
     cfg, model = _build(family, head, attn, kv_heads)
     cfg_dict = cfg.to_dict()
     (tmp / "config.json").write_text(json.dumps(cfg_dict))
-    task = "sft" if head == "causal_lm" else "classification"
+    task = ("sft" if tiles else "dapt") if head == "causal_lm" else "classification"
     recipe = _recipe(tmp, method, attn, gc, targets, k, task)
 
     if gc:
@@ -149,12 +153,19 @@ def measure_and_predict(tmp: Path, family: str, method: str, attn: str, gc: bool
             for p in module.parameters():
                 p.requires_grad_(True)
     model.train()
+    extra = {}
+    if tiles:
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model,
+                          outputs=("log_probs", "entropy", "is_top1"))
+        extra["fused_lm_head"] = True
 
     ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     labels = ids if head == "causal_lm" else torch.tensor([0, 1])
     fwd = fcm.FlopCounterMode(display=False, custom_mapping=_EXTRA)
     with fwd:
-        out = model(input_ids=ids, labels=labels)
+        out = model(input_ids=ids, labels=labels, **extra)
     bwd = fcm.FlopCounterMode(display=False, custom_mapping=_EXTRA)
     with bwd:
         out.loss.backward()
@@ -221,6 +232,16 @@ def test_flops_match_flop_counter(case, tmp_path):
     assert abs(_rel(pred.total, fwd + bwd)) <= TOL, (pred, fwd, bwd)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_trl_head_flops_match_flop_counter(method, tmp_path):
+    """SFT's loss through TRL's fused LM head: the head's product over s - 1 rows, once more in the backward."""
+    pytest.importorskip("trl")
+    fwd, bwd, pred = measure_and_predict(tmp_path, "llama", method, "sdpa", False, tiles=True)
+    assert pred.recompute > 0
+    assert abs(_rel(pred.forward, fwd)) <= TOL, (pred, fwd, bwd)
+    assert abs(_rel(pred.total - pred.forward, bwd)) <= TOL, (pred, fwd, bwd)
+
+
 @pytest.mark.xfail(reason="PEFT 0.21's all-linear also adapts MoE routers and fused experts (ParamWrapper, "
                    "re-materialising W + BA every forward); params.lora_targets does not list them", strict=False)
 def test_moe_all_linear_lora_known_gap(tmp_path):
@@ -240,7 +261,7 @@ def _arch_recipe(tmp_path, method="full", gc=False, attn="sdpa", targets="all-li
     }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     raw = {
-        "name": "t", "model": str(tmp_path), "method": method,
+        "name": "t", "model": str(tmp_path), "method": method, "task": "dapt",  # full logits
         "lora": {"r": 8, "target_modules": targets, "dropout": 0.0},
         "freeze": {"trainable_layers": k},
         "data": {"max_seq_len": seq},

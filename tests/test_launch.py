@@ -400,7 +400,7 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, case):
         "missing-data": ["--set", f"data.path={tmp_path / 'no-data.jsonl'}"],
         "wrong-columns": ["--set", f"data.path={ROOT / 'recipes' / 'data' / 'sentiment.csv'}"],
         "micro-batch-0": ["--set", "train.micro_batch_size=0"],
-        "does-not-fit": ["--set", "cluster.gpu=l4", "--set", "method=full", "--set", "train.micro_batch_size=512",
+        "does-not-fit": ["--set", "cluster.gpu=l4", "--set", "method=full", "--set", "train.micro_batch_size=2048",
                          "--set", "data.max_seq_len=512"],
     }[case]
     res = ftl("launch", SMOKE, *args, runs_dir=runs_dir, timeout=120)

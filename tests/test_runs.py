@@ -282,7 +282,7 @@ def test_more_gpus_than_present(tmp_path):
 
 @needs_smoke
 def test_does_not_fit_names_shortfall_and_fixes(tmp_path):
-    r = _recipe(tmp_path, **{"cluster.gpu": "l4", "train.micro_batch_size": 512, "data.max_seq_len": 512, "method": "full"})
+    r = _recipe(tmp_path, **{"cluster.gpu": "l4", "train.micro_batch_size": 2048, "data.max_seq_len": 512, "method": "full"})
     with pytest.raises(FtlError) as e:
         L.prepare_launch(r, root=tmp_path / "runs", gpu_count=0)
     msg = str(e.value)
@@ -368,7 +368,7 @@ def test_dry_run_json(cli, tmp_path):
     (["--set", "model=/nonexistent/model"], "config.json"),
     (["--set", "data.columns.instruction=prompt_text"], "no such column"),
     (["--nodes", "2"], "1 node"),
-    (["--set", "cluster.gpu=l4", "--set", "train.micro_batch_size=512", "--set", "data.max_seq_len=512",
+    (["--set", "cluster.gpu=l4", "--set", "train.micro_batch_size=2048", "--set", "data.max_seq_len=512",
       "--set", "method=full"], "does not fit"),
 ])
 def test_cli_bad_inputs_one_line_exit_2(cli, tmp_path, args, match):

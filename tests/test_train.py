@@ -295,6 +295,26 @@ def test_bf16_pure_trains_with_bf16_states_as_estimated(tmp_path):
 
 
 @pytest.mark.slow
+def test_dapt_chunked_cross_entropy_equals_the_standard_loss(tmp_path):
+    """train.cross_entropy chunked (TRL's fused LM head) on DAPT: in fp32 the same losses as the full-logits
+    loss step after step (so the same gradients), within 1e-5."""
+    runs = {}
+    for ce in ("standard", "chunked"):
+        runs[ce] = make_run(tmp_path, ce, method="full", task="dapt",
+                            data={"path": str(DATA / "corpus.txt"), "max_seq_len": 64},
+                            train={"max_steps": 4, "logging_steps": 1, "micro_batch_size": 2, "lr": 2e-3,
+                                   "precision": "fp32", "warmup_ratio": 0, "cross_entropy": ce})
+        assert run_inprocess(runs[ce]) == 0
+    std, chunked = losses(runs["standard"]), losses(runs["chunked"])
+    assert sorted(std) == sorted(chunked) == [1, 2, 3, 4]
+    for step in std:
+        assert chunked[step] == pytest.approx(std[step], rel=1e-5, abs=1e-6), (step, std, chunked)
+    sess = session(runs["chunked"])
+    model = sess.trainer.model
+    assert model.forward.__func__.__code__.co_name == "_fused_forward"  # the fused head is what runs
+
+
+@pytest.mark.slow
 def test_classification_learns_a_separable_set(tmp_path):
     run = make_run(tmp_path, method="full", task="classification",
                    data={"path": str(DATA / "sentiment.csv"), "max_seq_len": 64, "validation_fraction": 0.1,

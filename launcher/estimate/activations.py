@@ -31,7 +31,11 @@ Conventions (what ftl's trainer does):
 * full-length sequences, no padding mask: SDPA runs with is_causal and native GQA (transformers
   passes enable_gqa when there is no mask). With `data.packing` the estimate assumes a 4-D mask
   (packed-sequence mask): k/v are expanded to all heads and each layer holds a float copy of it.
-* loss: transformers' ForCausalLMLoss (logits.float() then cross_entropy).
+* loss: SFT and DPO train through TRL, whose trainers (1.16) always score tokens with TRL's fused
+  LM head (`add_fused_lm_head`, trl/kernels/chunked_logprob.py): log-probabilities in tiles of
+  4096 tokens × 32768 vocabulary entries, recomputed in the backward, never the full logits;
+  `train.cross_entropy: chunked` puts DAPT on it too. Otherwise (DAPT) transformers'
+  ForCausalLMLoss: logits.float() then cross_entropy.
 """
 
 from __future__ import annotations
@@ -50,6 +54,26 @@ Device = Literal["cuda", "cpu"]
 FP32 = 4
 INT64 = 8
 BOOL = 1
+
+# TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py, trl/trainer/utils.py add_fused_lm_head)
+TRL_TOKEN_CHUNK = 4096  # TOKEN_CHUNK_SIZE: rows of one tile
+TRL_VOCAB_CHUNK = 32768  # _CHUNKED_LOGPROB_CHUNK_SIZE: the tile buffer's width, whatever the vocabulary
+TRL_ACCUMULATORS = 7  # fp32 per-token running statistics of the forward (max, sums, target logit...)
+# Per-token tensors the head keeps for backward besides its input copy: int64 targets, fp32 log_z and
+# entropy, and (CUDA, compact rows) the int64 row/column indices of the masked selection and the bool
+# mask of masked_scatter; (CPU, every row) one bool ~mask per differentiable output's masked_fill.
+TRL_SAVED_PER_TOKEN = {"cuda": INT64 + 4 + 4 + 2 * INT64 + BOOL, "cpu": INT64 + 4 + 4 + 2 * BOOL}
+# Without Triton (the CPU) TRL runs the tile in torch ops; fp32 tile-sized temporaries alive at once,
+# counted on its torch fallback (_forward_tile / _backward_tile) with tests/live_bytes.py. On CUDA the
+# Triton kernels work in the tile buffer itself.
+CPU_TILE_FP32 = {"forward": 3, "backward": 7}
+CPU_TILE_BOOL = {"forward": 1, "backward": 1}
+
+
+def loss_in_tiles(recipe: Recipe) -> bool:
+    """True when the causal-LM loss runs through TRL's fused LM head rather than full logits."""
+    return recipe.task in ("sft", "dpo") or recipe.train.cross_entropy == "chunked"
+
 
 # Dropout probabilities transformers' configs default to, per family (the Arch inventory does not
 # carry them; an Arch attribute `dropout` with the same keys overrides these).
@@ -675,7 +699,15 @@ def _run(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device, checkpoi
     else:
         x = _rmsnorm(c, x, final_trains, arch.model_type in ("gemma", "gemma2"))
     tr.component = "final norm + head input"
-    if arch.head == "causal_lm":
+    c.head_in_nb = x.nb  # type: ignore[attr-defined]
+    if arch.head == "causal_lm" and loss_in_tiles(recipe):
+        # TRL's fused head keeps its own copy of the head input x[:, :-1] (CUDA: the rows that have a
+        # label; the CPU fallback: every row, reshaped -- a view when b == 1) and casts the head weight
+        # per vocabulary chunk (no cached copy); a few per-token tensors for its backward
+        rows = (s - 1) / s
+        tr.save(x if (device == "cpu" and b == 1) else tr.new(x.feat * rows, x.nb, False), "loss")
+        tr.save(tr.new(rows, TRL_SAVED_PER_TOKEN[device], False), "loss")
+    elif arch.head == "causal_lm":
         if head_trains:
             tr.save(tr.autocast_in(x))
         # an fp32 head under autocast: its 16-bit copy is kept for the input gradient (cached when
@@ -722,7 +754,9 @@ def activation_bytes(
 
     # loss buffers
     logits = 0
-    if arch.head == "causal_lm":
+    if arch.head == "causal_lm" and loss_in_tiles(recipe):
+        logits, detail["logits (forward peak)"] = _tiled_loss_bytes(arch, params, recipe, c, device, b, s)
+    elif arch.head == "causal_lm":
         logit_elems = tokens * arch.vocab
         logits = 12 * logit_elems
         detail["loss saved (log-softmax)"] = FP32 * logit_elems
@@ -741,6 +775,44 @@ def activation_bytes(
     return ActivationBytes(
         saved=saved, logits=logits, backward_transient=transient, per_layer=per_layer_b, detail=detail
     )
+
+
+def _tiled_loss_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, c: _Ctx, device: Device, b: int, s: int) -> tuple[int, int]:
+    """(backward, forward) transient bytes of TRL's fused LM head beyond what it saves.
+
+    One tile buffer of TRL_TOKEN_CHUNK × TRL_VOCAB_CHUNK in the compute dtype (the autocast dtype, else the
+    head input's), the per-chunk casts of the input rows and of the weight when their dtype differs, the
+    fp32 running statistics; the backward adds its fp32 accumulators -- the input gradient (N × h) and,
+    when the head trains, the weight gradient (V × h) -- and their casts back to the parameters' dtypes.
+    """
+    n = b * (s - 1)
+    h, v = arch.hidden, arch.vocab
+    hb = c.head_in_nb  # type: ignore[attr-defined]
+    cdl = c.cd if c.tr.autocast else hb
+    _, head_trains = _head_trains(arch, params, recipe)
+    if recipe.train.precision == "bf16-pure":
+        wb = 2
+    elif recipe.method == "full" or (recipe.method == "freeze" and head_trains):
+        wb = c.base_nb if recipe.method == "full" else FP32
+    else:
+        wb = c.cd
+    t = min(n, TRL_TOKEN_CHUNK)
+    width = TRL_VOCAB_CHUNK if device == "cuda" else min(v, TRL_VOCAB_CHUNK)
+    buf = t * TRL_VOCAB_CHUNK * cdl  # mm_buf: allocated at full chunk width
+    casts = t * h * cdl * (hb != cdl) + min(v, TRL_VOCAB_CHUNK) * h * cdl * (wb != cdl)
+    stats = TRL_ACCUMULATORS * FP32 * n
+
+    def tile_temps(phase: str) -> int:
+        if device == "cuda":
+            return 0
+        return t * width * (CPU_TILE_FP32[phase] * FP32 + CPU_TILE_BOOL[phase] * BOOL)
+
+    forward = buf + casts + stats + tile_temps("forward")
+    grads = FP32 * n * h + (hb * n * h if hb != FP32 else 0)
+    if head_trains:
+        grads += FP32 * v * h + (wb * v * h if wb != FP32 else 0)
+    backward = buf + casts + grads + tile_temps("backward")
+    return int(backward), int(forward)
 
 
 def _backward_transient(arch: Arch, recipe: Recipe, c: _Ctx, tokens: int, recomputed: int) -> int:

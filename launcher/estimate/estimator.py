@@ -15,6 +15,7 @@ from typing import Any
 
 from launcher.spec.catalog import GpuSpec, ModelSpec, find_gpu
 from launcher.core.errors import FtlError
+from launcher.estimate.activations import loss_in_tiles
 from launcher.estimate.arch import Arch, ArchError, arch_from_config
 from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time, total_cost
 from launcher.estimate.dataset import DataSize, data_size, sequences_per_epoch
@@ -247,6 +248,10 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
         "sequences_padded_to_max_seq_len_for_memory": True,
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "attn_implementation": recipe.train.attn_implementation,
+        "cross_entropy": recipe.train.cross_entropy,
+        "loss": ("none (classification head)" if arch.head != "causal_lm" else
+                 "TRL's fused LM head: log-probabilities in tiles of 4096 tokens x 32768 vocabulary entries, no full logits"
+                 if loss_in_tiles(recipe) else "full logits (transformers ForCausalLMLoss: fp32 copy, log-softmax)"),
         "mfu": mfu,
         "mfu_source": "recipe estimate.mfu" if recipe.estimate.mfu else "default for method and GPU (launcher/spec/catalog/mfu.yaml)",
         "communication": comm_detail,

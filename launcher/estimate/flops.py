@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from launcher.estimate.activations import loss_in_tiles
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
 from launcher.spec.recipe import Recipe
@@ -223,8 +224,15 @@ def flops_per_sequence(arch: Arch, params: ParamPlan, recipe: Recipe, *, seq_len
     if not head_linears and arch.head == "causal_lm":
         head_linears = [Linear("lm_head", arch.hidden, arch.vocab)]  # tied: same product
     head_trains = method == "full" or (method == "freeze" and recipe.freeze.train_head)
+    tiled = arch.head == "causal_lm" and loss_in_tiles(recipe)
     for lin in head_linears:
-        linear(head, lin, tokens_after, head_trains, rg)
+        if tiled:
+            # TRL's fused LM head: the s - 1 rows that have a next token, and the product once more in the
+            # backward (each tile is recomputed there to turn it into the logits' gradient)
+            linear(head, lin, s - 1, head_trains, rg)
+            t.recompute += 2 * lin.weight_params * (s - 1)
+        else:
+            linear(head, lin, tokens_after, head_trains, rg)
 
     total = t.forward + t.backward_input + t.backward_weight + t.recompute
     return StepFlops(

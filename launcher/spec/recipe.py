@@ -24,6 +24,7 @@ Method = Literal["full", "freeze", "lora", "qlora"]
 Task = Literal["sft", "dapt", "classification", "dpo"]
 Precision = Literal["bf16", "bf16-pure", "fp16", "fp32"]  # bf16: mixed (fp32 master weights); bf16-pure: bf16 throughout
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
+CrossEntropy = Literal["standard", "chunked", "fused"]
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "sgd"]
 Strategy = Literal["auto", "ddp", "zero1", "zero2", "zero3", "fsdp"]
 STRATEGIES: tuple[str, ...] = tuple(s for s in get_args(Strategy) if s != "auto")  # what a run can really use
@@ -101,6 +102,10 @@ class Train(_Strict):
     precision: Precision = Field("bf16", description="bf16: mixed precision (fp32 master weights, gradients and "
                                  "AdamW moments; bf16 compute). bf16-pure: weights, gradients and optimizer states in bf16 "
                                  "(DDP and FSDP only). fp16 needs a GPU; fp32: no autocast.")
+    cross_entropy: CrossEntropy = Field("standard", description="standard: each task's own loss -- DAPT materialises "
+                                        "the fp32 logits (transformers), SFT and DPO score tokens tile by tile (TRL's fused "
+                                        "LM head); chunked: TRL's fused LM head for every task, so no tokens × vocab "
+                                        "logits exist. fused (Liger) is not available yet.")
     gradient_checkpointing: bool = False
     attn_implementation: AttnImpl = "sdpa"
     seed: int = 42
@@ -219,6 +224,14 @@ class Recipe(_Strict):
             if self.method == "qlora" and self.quantization.compute_dtype != "bf16":
                 raise FieldConflict("quantization.compute_dtype", self.quantization.compute_dtype,
                                     "train.precision 'bf16-pure' computes in bf16: set quantization.compute_dtype bf16")
+        ce = self.train.cross_entropy
+        if ce != "standard" and self.task == "classification":
+            raise FieldConflict("train.cross_entropy", ce, "classification has no vocabulary logits to chunk; "
+                                "leave train.cross_entropy standard")
+        if ce == "fused":
+            raise FieldConflict("train.cross_entropy", ce, "Liger's fused linear cross-entropy is not available in "
+                                "this version of ftl; use chunked (TRL's fused LM head: no full logits either, and it "
+                                "runs on the CPU too)")
         return self
 
     @property

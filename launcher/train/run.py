@@ -318,8 +318,17 @@ def fsdp_layer_classes(recipe: Recipe, model_path: str) -> list[str]:
 # Trainer class: the CPU FSDP promotion
 
 
-def make_trainer_class(base, force_fsdp: bool):
+def make_trainer_class(base, force_fsdp: bool, tiled_loss: bool = False):
+    """The task's Trainer class with ftl's two additions: the CPU FSDP promotion, and (`tiled_loss`, DAPT with
+    train.cross_entropy chunked) the loss through TRL's fused LM head, as TRL's own SFT/DPO trainers do."""
+
     class FtlTrainer(base):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if tiled_loss and "labels" in inputs:
+                inputs = {**inputs, "fused_lm_head": True}  # add_fused_lm_head's switch: no full logits
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
             if force_fsdp and not self.is_fsdp_enabled:
@@ -542,7 +551,14 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping_patience))
 
-    Trainer = make_trainer_class(T.trainer_class(recipe), force_fsdp=strategy == "fsdp" and device == "cpu")
+    tiled = recipe.task == "dapt" and recipe.train.cross_entropy == "chunked"
+    if tiled:
+        from trl.trainer.utils import add_fused_lm_head
+
+        # as TRL's SFTTrainer applies it: on the model under the adapters, with its default outputs
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    Trainer = make_trainer_class(T.trainer_class(recipe), force_fsdp=strategy == "fsdp" and device == "cpu",
+                                 tiled_loss=tiled)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, **extra)
