@@ -97,15 +97,10 @@ def fit_error(est: Any) -> FtlError:
     lines = [f"{d['recipe']} does not fit: it needs {d['per_device']['peak_bytes'] / gib:.2f} GiB per GPU, "
              f"{g['name']} has {g['usable_bytes'] / gib:.2f} GiB usable (short by {d['shortfall_bytes'] / gib:.2f} GiB)"]
     if d["suggestions"]:
-        fixes = "; ".join(f"{s['change']} ({' '.join(f'--set {k}={_yaml_value(v)}' for k, v in s['set'].items())})"
-                          for s in d["suggestions"])
+        fixes = "; ".join(f"{s['change']} ({' '.join(f'--set {kv}' for kv in s['sets'])})" for s in d["suggestions"])
         lines.append(f"changes that fit: {fixes}")
     lines.append("or pass --force to launch anyway")
     return FtlError(". ".join(lines))
-
-
-def _yaml_value(v: Any) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 def validate_data(recipe: Any) -> None:

@@ -137,3 +137,59 @@ def test_dpo_full_counts_the_reference_copy():
     full = estimate(load_recipe(ROOT / "recipes" / "llama3-1b-dpo.yaml", sets=["method=full"]))
     assert "dpo reference model" in full.memory.states.detail and "dpo reference model" not in lora.memory.states.detail
     assert full.memory.states.weights == 2 * full.memory.states.detail["dpo reference model"]
+
+
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("gpu", ["l4", "a100-40gb", "h100-sxm"])
+def test_every_suggested_set_fits_when_applied(gpu):
+    """For each shipped recipe that does not fit on the GPU, each suggestion, applied with its --set lines,
+    fits, with the peak it promised."""
+    for path in SHIPPED:
+        e = estimate(load_recipe(path, sets=[f"cluster.gpu={gpu}"]))
+        if e.fits is not False:
+            continue
+        assert e.suggestions, path.name
+        times = [s["step_time_s"] for s in e.suggestions if not s["set"].keys() == {"cluster.gpu"}]
+        assert times == sorted(times), (path.name, e.suggestions)  # fastest first
+        for s in e.suggestions:
+            alt = estimate(load_recipe(path, sets=[f"cluster.gpu={gpu}", *s["sets"]]))
+            assert alt.fits and alt.memory.peak == s["peak_bytes"], (path.name, s)
+
+
+def test_no_faster_set_of_changes_fits_than_the_first_suggested():
+    """Exhaustively over the same changes (every combination of up to three, no pruning, no estimate
+    budget): nothing fits with a shorter step than the first suggestion, and each suggestion is minimal
+    (none of its proper subsets fits)."""
+    import itertools
+
+    from launcher.estimate.estimator import estimate_arch
+    from launcher.estimate.search import SUGGESTION_MAX_CHANGES, _change_groups, _combine, _with, resolve_strategy
+
+    r = load_recipe(ROOT / "recipes" / "llama3-8b-qlora.yaml", sets=["method=full", "train.optimizer=adamw",
+                                                                     "cluster.gpu=a10g", "train.gradient_checkpointing=false"])
+    e = estimate(r)
+    assert e.fits is False and e.suggestions
+    groups = _change_groups(r, e.strategy, e.world_size)
+    fits: dict[frozenset, float] = {}
+    for size in range(1, SUGGESTION_MAX_CHANGES + 1):
+        for gs in itertools.combinations(range(len(groups)), size):
+            for changes in itertools.product(*(groups[g] for g in gs)):
+                keys = _combine(r, changes)
+                if keys is None:
+                    continue
+                try:
+                    alt = _with(r, keys)
+                except Exception:  # noqa: BLE001 - does not validate (e.g. bf16-pure under ZeRO)
+                    continue
+                a = estimate_arch(alt, e.model, e.arch, strategy=keys.get("parallel.strategy") or resolve_strategy(alt))
+                if a.fits:
+                    fits[frozenset(label for label, _ in changes)] = a.step_time_s
+    minimal = {k: t for k, t in fits.items() if not any(o < k for o in fits)}
+    first = e.suggestions[0]
+    assert first["step_time_s"] == pytest.approx(min(minimal.values()), rel=1e-12)
+    for s in e.suggestions:
+        if s["set"].keys() == {"cluster.gpu"}:
+            continue
+        assert frozenset(s["change"].split(" + ")) in minimal, s["change"]

@@ -305,3 +305,27 @@ def test_bf16_pure_plans_only_strategies_that_can_run_it():
     for s in est.suggestions:
         assert s["set"].get("parallel.strategy", "fsdp") in ("ddp", "fsdp"), s
         assert "parallel.offload" not in s["set"], s
+
+
+def test_allowed_precision_and_cross_entropy_are_searched_and_launched():
+    """--allow-precision / --allow-cross-entropy add candidates (never silently: off by default), each
+    runnable (bf16-pure never under ZeRO), and the launch line sets what the chosen one uses."""
+    root = Path(__file__).resolve().parent.parent
+    dapt = load_recipe(root / "recipes" / "qwen2.5-0.5b-dapt.yaml")
+    clusters, paths = load_profiles()
+    plain = plan(dapt, clusters, cluster_paths=paths)
+    assert {(c.precision, c.cross_entropy) for c in plain.candidates} == {(dapt.train.precision, "standard")}
+    res = plan(dapt, clusters, cluster_paths=paths, allow_precisions=["bf16-pure"], allow_cross_entropy=["chunked"])
+    combos = {(c.precision, c.cross_entropy) for c in res.candidates}
+    assert combos == {("bf16", "standard"), ("bf16", "chunked"), ("bf16-pure", "standard"), ("bf16-pure", "chunked")}
+    assert all(c.strategy in ("ddp", "fsdp") for c in res.candidates if c.precision == "bf16-pure")
+    key = lambda c: (c.profile, c.world, c.strategy, c.offload, c.micro_batch_size, c.gradient_checkpointing, c.precision)  # noqa: E731
+    std = {key(c): c for c in res.candidates if c.cross_entropy == "standard"}
+    for c in res.candidates:
+        if c.cross_entropy == "chunked":
+            assert c.peak_bytes < std[key(c)].peak_bytes  # no full logits
+    c = res.chosen
+    assert f"--set train.precision={c.precision}" in res.launch_command
+    assert f"--set train.cross_entropy={c.cross_entropy}" in res.launch_command
+    with pytest.raises(FtlError, match="--allow-precision 'bf17': choose one of"):
+        plan(dapt, clusters, cluster_paths=paths, allow_precisions=["bf17"])

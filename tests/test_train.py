@@ -485,7 +485,10 @@ def test_training_arguments_follow_the_recipe(tmp_path):
     assert a.gradient_accumulation_steps == 4 and a.per_device_train_batch_size == 2 and a.seed == 7
     assert a.bf16 and a.use_cpu and a.activation_checkpointing
     assert a.activation_checkpointing_kwargs == {"use_reentrant": False}
-    assert a.output_dir == str(run / "checkpoints") and a.report_to == []
+    assert a.output_dir == str(run / "checkpoints") and a.report_to == [] and not a.torch_compile
+    recipe.train.torch_compile = True
+    assert build_args(recipe, plan, run, True, None).torch_compile
+    recipe.train.torch_compile = False
     recipe.train.save_steps = 7
     with pytest.raises(FtlError, match="must be a multiple of train.eval_steps"):
         build_args(recipe, plan, run, True, None)

@@ -643,13 +643,16 @@ def plan_cmd(
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Longest the job may take, boot and download included: 6h, 90m, 2d (default: budget.max_hours)."),
     max_gpus: Optional[int] = typer.Option(None, "--max-gpus", help="Consider at most this many GPUs."),
     allow_methods: Optional[list[str]] = typer.Option(None, "--allow-method", help="Also consider this method, e.g. qlora (repeatable)."),
+    allow_precisions: Optional[list[str]] = typer.Option(None, "--allow-precision", help="Also consider this train.precision, e.g. bf16-pure (no fp32 master weights; repeatable)."),
+    allow_cross_entropy: Optional[list[str]] = typer.Option(None, "--allow-cross-entropy", help="Also consider this train.cross_entropy, e.g. chunked (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG scatter of time vs cost with the Pareto frontier."),
     sets: Optional[list[str]] = SetOpt,
     top: int = typer.Option(10, "--top", help="Rows in the table."),
 ) -> None:
-    """Search GPUs, GPU counts, strategies, offload, micro-batch, checkpointing (and allowed methods) for the
-    fastest or cheapest plan that fits RECIPE, and print the `ftl launch` line that runs it.
+    """Search GPUs, GPU counts, strategies, offload, micro-batch, checkpointing (and the methods, precisions and
+    cross-entropies you allow: they change the numerics, so never silently) for the fastest or cheapest plan
+    that fits RECIPE, and print the `ftl launch` line that runs it.
 
     Example: ftl plan recipes/llama3-70b-qlora-zero3.yaml --objective cost --deadline 6h
     """
@@ -659,7 +662,8 @@ def plan_cmd(
         profiles, paths = load_profiles(clusters)
         res = run_plan(r, profiles, objective=objective, budget_usd=budget,
                        deadline_s=parse_duration(deadline) if deadline else None, max_gpus=max_gpus,
-                       allow_methods=allow_methods or (), cluster_paths=paths, recipe_path=str(recipe), sets=sets or ())
+                       allow_methods=allow_methods or (), cluster_paths=paths, recipe_path=str(recipe), sets=sets or (),
+                       allow_precisions=allow_precisions or (), allow_cross_entropy=allow_cross_entropy or ())
         if plot is not None:
             write_plot(res, plot)
     except FtlError as e:

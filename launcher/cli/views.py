@@ -80,7 +80,7 @@ def render_estimate(d: dict[str, Any]) -> None:
         if d["suggestions"]:
             console.print("changes that would make it fit:")
             for s in d["suggestions"]:
-                sets = " ".join(f"--set {k}={v}" for k, v in s["set"].items())
+                sets = " ".join(f"--set {kv}" for kv in s["sets"])
                 console.print(f"  • {s['change']}: peak {gib(s['peak_bytes'])}  [dim]{sets}[/]")
     if d["cpu_bytes_per_node"]:
         console.print(f"host RAM per node (offload): {gib(d['cpu_bytes_per_node'])}")

@@ -249,6 +249,8 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "attn_implementation": recipe.train.attn_implementation,
         "cross_entropy": recipe.train.cross_entropy,
+        "torch_compile": ("requested; compiled kernels are not modelled (memory and time are eager PyTorch's)"
+                          if recipe.train.torch_compile else False),
         "loss": ("none (classification head)" if arch.head != "causal_lm" else
                  "TRL's fused LM head: log-probabilities in tiles of 4096 tokens x 32768 vocabulary entries, no full logits"
                  if loss_in_tiles(recipe) else "full logits (transformers ForCausalLMLoss: fp32 copy, log-softmax)"),

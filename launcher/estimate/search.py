@@ -9,11 +9,14 @@ for the duration of one search, which is what makes a full search take well unde
 
 from __future__ import annotations
 
+import itertools
 import math
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
+
+from pydantic import ValidationError
 
 from launcher.core.durations import format_duration
 from launcher.core.errors import FtlError
@@ -23,7 +26,7 @@ from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
 from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
-from launcher.spec.recipe import PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe
+from launcher.spec.recipe import PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe, Train
 
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
@@ -62,6 +65,8 @@ class Candidate:
     grad_accum: int
     gradient_checkpointing: bool
     method: str
+    precision: str
+    cross_entropy: str
     fits: bool
     peak_bytes: int
     usable_bytes: int
@@ -192,17 +197,31 @@ def global_batch(recipe: Recipe) -> int:
     return recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.cluster.world_size
 
 
-def _method_recipe(recipe: Recipe, method: str) -> Recipe:
-    if method == recipe.method:
+def _variant_recipe(recipe: Recipe, method: str, precision: str, cross_entropy: str) -> Recipe | None:
+    """The recipe with another method / precision / cross-entropy (what --allow-* lets the plan change);
+    None when that combination cannot run (e.g. bf16-pure with an fp16 QLoRA compute dtype)."""
+    if (method, precision, cross_entropy) == (recipe.method, recipe.train.precision, recipe.train.cross_entropy):
         return recipe
     r = recipe.model_copy(deep=True)
     try:
         r.method = method  # type: ignore[assignment]  (validate_assignment checks it)
         if method == "qlora" and r.quantization.bits != 4:
             r.quantization.bits = 4
-    except Exception as e:  # noqa: BLE001
-        raise FtlError(f"--allow-method {method}: {e}") from None
-    return r
+        r.train.precision = precision  # type: ignore[assignment]
+        r.train.cross_entropy = cross_entropy  # type: ignore[assignment]
+        return r._consistent()
+    except (ValueError, ValidationError):
+        return None
+
+
+def _allowed(flag: str, values: Sequence[str], field: str) -> list[str]:
+    """--allow-* values checked against the recipe schema's choices."""
+    choices = list(get_args(Train.model_fields[field].annotation)) if field in Train.model_fields else \
+        list(get_args(Recipe.model_fields[field].annotation))
+    for v in values:
+        if v not in choices:
+            raise FtlError(f"{flag} {v!r}: choose one of {', '.join(choices)}")
+    return list(dict.fromkeys(values))
 
 
 def _worlds(cl: Cluster, max_gpus: int | None) -> list[tuple[int, int]]:
@@ -222,14 +241,22 @@ def enumerate_candidates(
     arch: Arch | None = None,
     strategies: Sequence[tuple[str, str]] | None = None,
     worlds: dict[int, list[tuple[int, int]]] | None = None,
+    allow_precisions: Sequence[str] = (),
+    allow_cross_entropy: Sequence[str] = (),
 ) -> tuple[list[Candidate], list[str]]:
-    """Estimate every candidate; returns them (fitting or not) and the profiles skipped with why."""
+    """Estimate every candidate; returns them (fitting or not) and the profiles skipped with why. Methods,
+    precisions and cross-entropies beyond the recipe's are searched only where allowed (they change the
+    numerics)."""
     spec = spec or resolve_model(recipe.model)
     arch = arch or build_arch(recipe, spec)
     paths = list(cluster_paths) if cluster_paths is not None else [None] * len(clusters)
     gb = global_batch(recipe)
-    methods = [recipe.method] + [m for m in dict.fromkeys(allow_methods) if m != recipe.method]
-    mrecipes = {m: _method_recipe(recipe, m) for m in methods}
+    methods = [recipe.method] + [m for m in _allowed("--allow-method", allow_methods, "method") if m != recipe.method]
+    precisions = [recipe.train.precision] + [p for p in _allowed("--allow-precision", allow_precisions, "precision")
+                                              if p != recipe.train.precision]
+    ces = [recipe.train.cross_entropy] + [c for c in _allowed("--allow-cross-entropy", allow_cross_entropy, "cross_entropy")
+                                          if c != recipe.train.cross_entropy]
+    mrecipes = {v: mr for v in itertools.product(methods, precisions, ces) if (mr := _variant_recipe(recipe, *v)) is not None}
     weight_bytes = 0 if spec.origin == "local" else arch.published_bytes  # downloaded before the first step
 
     out: list[Candidate] = []
@@ -252,9 +279,9 @@ def enumerate_candidates(
             if gb % world:
                 continue  # the global batch cannot be split evenly over this many GPUs
             cl = prof.model_copy(update={"nodes": nodes, "gpus_per_node": gpn})
-            so_list = runnable(recipe, strategies if strategies is not None else
-                               (SINGLE_GPU_STRATEGIES if world == 1 else MULTI_GPU_STRATEGIES))
+            so_all = strategies if strategies is not None else (SINGLE_GPU_STRATEGIES if world == 1 else MULTI_GPU_STRATEGIES)
             for method, mr in mrecipes.items():
+                so_list = runnable(mr, so_all)
                 for mb in _pow2_upto(gb // world):
                     if (gb // world) % mb:
                         continue
@@ -287,7 +314,8 @@ def _candidate(e: Estimate, prof: Cluster, ppath: str | None, gpu_key: str, gpu_
         profile=prof.name, profile_path=ppath, provider=prof.provider, gpu=gpu_key, gpu_name=gpu_name,
         nodes=cl.nodes, gpus_per_node=cl.gpus_per_node, strategy=e.strategy, offload=r.parallel.offload,
         micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum,
-        gradient_checkpointing=r.train.gradient_checkpointing, method=r.method, fits=fits,
+        gradient_checkpointing=r.train.gradient_checkpointing, method=r.method, precision=r.train.precision,
+        cross_entropy=r.train.cross_entropy, fits=fits,
         peak_bytes=e.memory.peak, usable_bytes=e.usable_bytes or 0, shortfall_bytes=e.shortfall_bytes,
         cpu_bytes_per_node=e.memory.states.cpu, step_time_s=e.step_time_s, train_time_s=e.total_time_s,
         setup_s=setup, total_time_s=total, price_per_gpu_hour=cl.price_per_gpu_hour, cost_usd=cost,
@@ -358,11 +386,12 @@ def launch_command(recipe: Recipe, c: Candidate, recipe_path: str | None = None,
     args = ["ftl", "launch", _rel(recipe_path or recipe.source) or recipe.name]
     args += ["--cluster", _rel(c.profile_path) or c.profile, "--nodes", str(c.nodes), "--gpus-per-node", str(c.gpus_per_node)]
     plan_keys = ("parallel.strategy", "parallel.offload", "train.micro_batch_size", "train.grad_accum",
-                 "train.gradient_checkpointing", "method")
+                 "train.gradient_checkpointing", "method", "train.precision", "train.cross_entropy")
     for s in sets:
         if s.split("=", 1)[0].strip() not in plan_keys:
             args += ["--set", s]
-    vals = [c.strategy, c.offload, c.micro_batch_size, c.grad_accum, str(c.gradient_checkpointing).lower(), c.method]
+    vals = [c.strategy, c.offload, c.micro_batch_size, c.grad_accum, str(c.gradient_checkpointing).lower(), c.method,
+            c.precision, c.cross_entropy]
     for k, v in zip(plan_keys, vals):
         args += ["--set", f"{k}={v}"]
     return " ".join(shlex.quote(a) for a in args)
@@ -410,6 +439,8 @@ def plan(
     sets: Sequence[str] = (),
     spec: ModelSpec | None = None,
     arch: Arch | None = None,
+    allow_precisions: Sequence[str] = (),
+    allow_cross_entropy: Sequence[str] = (),
 ) -> PlanResult:
     """The fastest (objective="time") or cheapest ("cost") candidate that fits and meets budget and deadline."""
     if objective not in ("time", "cost"):
@@ -418,7 +449,8 @@ def plan(
         budget_usd = recipe.budget.max_cost_usd
     if deadline_s is None and recipe.budget.max_hours is not None:
         deadline_s = recipe.budget.max_hours * 3600
-    cands, skipped = enumerate_candidates(recipe, clusters, cluster_paths, max_gpus, allow_methods, spec, arch)
+    cands, skipped = enumerate_candidates(recipe, clusters, cluster_paths, max_gpus, allow_methods, spec, arch,
+                                          allow_precisions=allow_precisions, allow_cross_entropy=allow_cross_entropy)
     if not cands:
         why = "; ".join(skipped) or f"no GPU count divides the global batch of {global_batch(recipe)}"
         raise FtlError(f"nothing to plan for {recipe.name}: {why}")
@@ -501,27 +533,67 @@ def estimate(recipe: Recipe, strategy: str | None = None, suggest: bool = True) 
     return est
 
 
-def _variants(r: Recipe, strategy: str, world: int) -> list[tuple[str, dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = []
-    t = r.train
+Change = tuple[str, dict[str, Any]]  # (what it does, recipe keys -> values)
+
+SUGGESTION_MAX_CHANGES = 3  # changes combined in one suggestion
+SUGGESTION_MAX_ESTIMATES = 120  # estimates one search may spend (each a few ms): `ftl estimate` stays fast
+
+
+def _change_groups(r: Recipe, strategy: str, world: int) -> list[list[Change]]:
+    """What could make a recipe fit, in groups of alternatives: a suggestion takes at most one change from
+    each group. Micro-batch and GPU-count changes keep the global batch (grad_accum absorbs them)."""
+    t, cl = r.train, r.cluster
+    groups: list[list[Change]] = []
     if not t.gradient_checkpointing:
-        out.append(("enable gradient checkpointing (about 1/3 more compute)", {"train.gradient_checkpointing": True}))
-    if t.micro_batch_size > 1:
-        out.append((f"micro_batch_size 1 with grad_accum {t.grad_accum * t.micro_batch_size} (same global batch)",
-                    {"train.micro_batch_size": 1, "train.grad_accum": t.grad_accum * t.micro_batch_size}))
-    if t.optimizer == "adamw" and r.method in ("full", "freeze"):
-        out.append(("8-bit AdamW (bitsandbytes)", {"train.optimizer": "adamw_8bit"}))
-    pure = t.precision == "bf16-pure"
-    if world > 1 and strategy not in ("zero3", "fsdp"):
-        out.append(("shard everything with FSDP", {"parallel.strategy": "fsdp"}) if pure else
-                   ("shard everything with ZeRO-3", {"parallel.strategy": "zero3"}))
-    if r.parallel.offload == "none" and r.method in ("full", "freeze") and not pure:
-        out.append(("offload optimizer states to CPU (ZeRO)", {"parallel.offload": "optimizer", "parallel.strategy": "zero3" if world > 1 else "zero2"}))
+        groups.append([("gradient checkpointing", {"train.gradient_checkpointing": True})])
+    smaller = [m for m in (t.micro_batch_size // 2 ** k for k in range(1, 12)) if m >= 1 and t.micro_batch_size % m == 0]
+    if smaller:
+        groups.append([(f"micro-batch {m}", {"train.micro_batch_size": m}) for m in dict.fromkeys(smaller)])
+    if r.task == "dapt" and t.cross_entropy == "standard":
+        groups.append([("chunked cross-entropy (no full logits)", {"train.cross_entropy": "chunked"})])
+    if t.precision == "bf16":
+        groups.append([("bf16-pure (no fp32 master weights)", {"train.precision": "bf16-pure"})])
+    if t.optimizer == "adamw":
+        groups.append([("8-bit AdamW (bitsandbytes)", {"train.optimizer": "adamw_8bit"})])
     if r.method == "full":
-        out.append(("LoRA instead of full fine-tuning", {"method": "lora"}))
-    if r.method == "lora":
-        out.append(("QLoRA (4-bit NF4 base)", {"method": "qlora"}))
-    return out
+        groups.append([("LoRA instead of full fine-tuning", {"method": "lora"}),
+                       ("QLoRA instead of full fine-tuning", {"method": "qlora"})])
+    elif r.method == "lora":
+        groups.append([("QLoRA (4-bit NF4 base)", {"method": "qlora"})])
+    parallel: list[Change] = []
+    if world > 1:
+        parallel += [(f"shard everything with {STRATEGY_LABEL[s]}", {"parallel.strategy": s})
+                     for s in ("fsdp", "zero3") if s != strategy]
+    if r.parallel.offload == "none" and r.method in ("full", "freeze"):
+        parallel.append(("offload optimizer states to CPU (ZeRO)",
+                         {"parallel.offload": "optimizer", "parallel.strategy": "zero3" if world > 1 else "zero2"}))
+    for gpn in (2 * cl.gpus_per_node, 4 * cl.gpus_per_node):
+        if gpn <= 8:
+            parallel += [(f"{STRATEGY_LABEL[s]} on {gpn * cl.nodes} GPUs", {"cluster.gpus_per_node": gpn, "parallel.strategy": s})
+                         for s in ("fsdp", "zero3")]
+    if parallel:
+        groups.append(parallel)
+    return groups
+
+
+def _combine(r: Recipe, changes: Sequence[Change]) -> dict[str, Any] | None:
+    """The recipe keys of several changes together, grad_accum set so the global batch stays; None when
+    the global batch cannot be kept (or two changes set one key differently)."""
+    keys: dict[str, Any] = {}
+    for _, d in changes:
+        for k, v in d.items():
+            if keys.get(k, v) != v:
+                return None
+            keys[k] = v
+    t, cl = r.train, r.cluster
+    mb = keys.get("train.micro_batch_size", t.micro_batch_size)
+    world = keys.get("cluster.gpus_per_node", cl.gpus_per_node) * cl.nodes
+    gb = t.micro_batch_size * t.grad_accum * cl.world_size
+    if gb % (mb * world):
+        return None
+    if gb // (mb * world) != t.grad_accum:
+        keys["train.grad_accum"] = gb // (mb * world)
+    return keys
 
 
 def _with(r: Recipe, changes: dict[str, Any]) -> Recipe:
@@ -532,28 +604,43 @@ def _with(r: Recipe, changes: dict[str, Any]) -> Recipe:
         for k in parents:
             node = getattr(node, k)
         setattr(node, last, value)  # validate_assignment checks the value
-    return new
+    return new._consistent()  # and the recipe's cross-key rules (bf16-pure under ZeRO...)
 
 
 def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
-    """Single changes that make the recipe fit, in order of how little they cost in speed and quality."""
+    """The sets of changes that make the recipe fit, fastest first: combinations of up to
+    SUGGESTION_MAX_CHANGES changes (one per group of `_change_groups`) that fit while none of their subsets
+    does, ranked by predicted step time; then the smallest catalog GPU with more memory that holds the
+    recipe as it is. Each carries `sets` (the --set lines that apply it)."""
     r = est.recipe
-    out: list[dict[str, Any]] = []
-    for label, changes in _variants(r, est.strategy, est.world_size):
-        try:
-            alt = _with(r, changes)
-            if "parallel.strategy" in changes or r.parallel.strategy != "auto":
-                strategy = changes.get("parallel.strategy", est.strategy)
-            else:  # an auto recipe: its strategy is chosen again for the changed recipe
-                strategy = resolve_strategy(alt, est.model, est.arch)
-            e = estimate_arch(alt, est.model, est.arch, strategy=strategy)
-        except Exception:  # a variant that does not validate is simply not suggested
-            continue
-        if e.fits:
-            out.append({"change": label, "set": changes, "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
-                        "step_time_s": e.step_time_s})
-        if len(out) >= limit:
-            break
+    groups = _change_groups(r, est.strategy, est.world_size)
+    memo = Memo()
+    spent = 0
+    fitting: list[tuple[frozenset[str], dict[str, Any]]] = []
+    for size in range(1, SUGGESTION_MAX_CHANGES + 1):
+        for chosen_groups in itertools.combinations(range(len(groups)), size):
+            for changes in itertools.product(*(groups[g] for g in chosen_groups)):
+                labels = frozenset(label for label, _ in changes)
+                if any(f <= labels for f, _ in fitting):
+                    continue  # a subset already fits: not a minimal set
+                keys = _combine(r, changes)
+                if keys is None or spent >= SUGGESTION_MAX_ESTIMATES:
+                    continue
+                spent += 1
+                try:
+                    alt = _with(r, keys)
+                    strategy = keys.get("parallel.strategy") or (
+                        resolve_strategy(alt, est.model, est.arch) if r.parallel.strategy == "auto" else est.strategy)
+                    e = estimate_arch(alt, est.model, est.arch, strategy=strategy, memo=memo)
+                except Exception:  # noqa: BLE001 - a combination that does not validate is not suggested
+                    continue
+                if e.fits:
+                    fitting.append((labels, {
+                        "change": " + ".join(label for label, _ in changes), "set": keys,
+                        "sets": [f"{k}={_set_value(v)}" for k, v in keys.items()],
+                        "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes, "step_time_s": e.step_time_s}))
+    ranked = sorted((s for _, s in fitting), key=lambda s: (s["step_time_s"] or math.inf, len(s["set"])))
+    out = ranked[:limit]
     if est.gpu is not None:  # the smallest catalog GPU with more memory that holds it
         for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
             if gpus()[g]["memory_bytes_reported"] <= est.gpu.memory_bytes:
@@ -561,6 +648,12 @@ def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
             e = estimate_arch(_with(r, {"cluster.gpu": g}), est.model, est.arch, strategy=est.strategy)
             if e.fits:
                 out.append({"change": f"a GPU with more memory: {e.gpu.name}", "set": {"cluster.gpu": g},
-                            "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes, "step_time_s": e.step_time_s})
+                            "sets": [f"cluster.gpu={g}"], "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
+                            "step_time_s": e.step_time_s})
                 break
     return out
+
+
+def _set_value(v: Any) -> str:
+    """A value as --set writes it (YAML: true/false, numbers, plain strings)."""
+    return str(v).lower() if isinstance(v, bool) else str(v)

@@ -107,6 +107,8 @@ class Train(_Strict):
                                         "LM head); chunked: TRL's fused LM head for every task, so no tokens × vocab "
                                         "logits exist. fused (Liger) is not available yet.")
     gradient_checkpointing: bool = False
+    torch_compile: bool = Field(False, description="Compile the model with torch.compile (the Trainer's torch_compile). "
+                                "The estimate does not model compiled kernels: memory and time are eager's.")
     attn_implementation: AttnImpl = "sdpa"
     seed: int = 42
     eval_steps: int | None = Field(None, gt=0)

@@ -250,6 +250,7 @@ def build_args(recipe: Recipe, plan: dict[str, Any], run_dir: Path, has_eval: bo
         optim=OPTIMIZERS[t.optimizer],
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
+        torch_compile=t.torch_compile,
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5: the new name of gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         seed=t.seed,
