@@ -193,3 +193,31 @@ def test_no_faster_set_of_changes_fits_than_the_first_suggested():
         if s["set"].keys() == {"cluster.gpu"}:
             continue
         assert frozenset(s["change"].split(" + ")) in minimal, s["change"]
+
+
+def test_an_old_price_is_said_to_be_old_with_its_age():
+    """A price read more than 30 days ago gets one line with its date and age (estimate and plan); --json
+    carries price_date and price_age_days (per candidate in plans); a fresh price gets no line."""
+    import datetime as dt
+
+    from launcher.estimate.search import plan
+    from launcher.spec.recipe import load_profiles
+
+    today = dt.date.today()
+    profile = ROOT / "cluster" / "runpod-8xh100.yaml"
+    for age, noted in ((31, True), (30, False), (0, False)):
+        day = today - dt.timedelta(days=age)
+        r = load_recipe(ROOT / "recipes" / "llama3-8b-qlora.yaml", cluster=profile, sets=[f"cluster.price_date={day}"])
+        d = estimate(r).to_json()
+        assert d["price_date"] == str(day) and d["price_age_days"] == age
+        assert bool(d["price_note"]) == noted, d["price_note"]
+        if noted:
+            assert str(day) in d["price_note"] and f"{age} days ago" in d["price_note"] and "--refresh" in d["price_note"]
+        clusters, paths = load_profiles([str(profile)])
+        clusters = [c.model_copy(update={"price_date": day}) for c in clusters]
+        res = plan(r, clusters, cluster_paths=paths).to_json(limit=3)
+        assert all(c["price_date"] == str(day) and c["price_age_days"] == age for c in res["candidates"])
+        assert len(res["price_notes"]) == (1 if noted else 0)
+    res = ftl("estimate", "recipes/llama3-8b-qlora.yaml", "--cluster", str(profile),
+              "--set", f"cluster.price_date={today - dt.timedelta(days=45)}")
+    assert res.returncode == 0 and "45 days ago" in res.stdout

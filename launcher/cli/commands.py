@@ -688,6 +688,8 @@ def plan_cmd(
                   "—" if c.cost_per_mtok_usd is None else f"${c.cost_per_mtok_usd:,.3f}")
     Console(width=max(console.width, 130)).print(t)
     console.print(f"[bold]chosen:[/] {escape(res.explanation)}", soft_wrap=True)
+    for note in res.price_notes(top):
+        console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
     console.print("[bold]run it:[/]")
     console.print(escape(res.launch_command), soft_wrap=True, highlight=False)
     if plot is not None:

@@ -99,6 +99,8 @@ def render_estimate(d: dict[str, Any]) -> None:
     c.add_row("data", f"{d['data']['source']}")
     c.add_row("MFU", f"{d['assumptions']['mfu']:.2f} ({d['assumptions']['mfu_source']})")
     console.print(c)
+    if d.get("price_note") and cost is not None:
+        console.print(f"[yellow]{escape(d['price_note'])}[/]", soft_wrap=True)
 
 
 def launch_summary(p: Prepared) -> dict[str, Any]:

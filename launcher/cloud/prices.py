@@ -37,9 +37,9 @@ from launcher.cloud.credentials import api_key
 from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
 from launcher.spec.catalog import CATALOG_DIR, find_gpu, gpu_key, provider_facts
-from launcher.spec.recipe import RENTED
+from launcher.spec.recipe import PRICE_STALE_DAYS, RENTED
 
-STALE_DAYS = 30
+STALE_DAYS = PRICE_STALE_DAYS
 TIMEOUT_S = 15.0  # per HTTP call
 ATTEMPTS = 4  # first try + 3 retries on 429 / 5xx / network errors
 BACKOFF_S = 1.0  # doubled after each retry; a 429's Retry-After wins (capped)

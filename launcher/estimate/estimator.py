@@ -127,6 +127,9 @@ class Estimate:
             "total_time_s": self.total_time_s,
             "cost_usd": self.cost_usd,
             "price_per_gpu_hour": self.recipe.cluster.price_per_gpu_hour,
+            "price_date": str(self.recipe.cluster.price_date) if self.recipe.cluster.price_date else None,
+            "price_age_days": self.recipe.cluster.price_age_days(),
+            "price_note": self.recipe.cluster.price_note(),
             "assumptions": self.assumptions,
         }
 

@@ -26,7 +26,7 @@ from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
 from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
-from launcher.spec.recipe import PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe, Train
+from launcher.spec.recipe import PRICE_STALE_DAYS, PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe, Train
 
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
@@ -77,6 +77,8 @@ class Candidate:
     setup_s: float  # instance boot + weight download (rented targets)
     total_time_s: float | None
     price_per_gpu_hour: float
+    price_date: str | None
+    price_age_days: int | None
     cost_usd: float | None
     tokens: int | None
     cost_per_mtok_usd: float | None
@@ -140,6 +142,16 @@ class PlanResult:
         """Fitting candidates, best first by the objective."""
         return sorted(self.fitting, key=lambda c: _key(c, self.objective))
 
+    def price_notes(self, limit: int | None = None) -> list[str]:
+        """One line per profile whose price (among the ranked candidates shown) is older than PRICE_STALE_DAYS."""
+        out: dict[str, str] = {}
+        for c in self.ranked()[:limit]:
+            if c.price_per_gpu_hour and c.price_age_days is not None and c.price_age_days > PRICE_STALE_DAYS:
+                out.setdefault(c.profile, f"note: the price of {c.profile} (${c.price_per_gpu_hour:g}/GPU-hour) was read on "
+                                          f"{c.price_date}, {c.price_age_days} days ago; costs may be off "
+                                          "(ftl prices --refresh reads live prices)")
+        return list(out.values())
+
     def to_json(self, limit: int | None = None) -> dict[str, Any]:
         ranked = self.ranked()
         return {
@@ -155,6 +167,7 @@ class PlanResult:
             "explanation": self.explanation,
             "launch_command": self.launch_command,
             "skipped": self.skipped,
+            "price_notes": self.price_notes(limit),
         }
 
 
@@ -318,7 +331,8 @@ def _candidate(e: Estimate, prof: Cluster, ppath: str | None, gpu_key: str, gpu_
         cross_entropy=r.train.cross_entropy, fits=fits,
         peak_bytes=e.memory.peak, usable_bytes=e.usable_bytes or 0, shortfall_bytes=e.shortfall_bytes,
         cpu_bytes_per_node=e.memory.states.cpu, step_time_s=e.step_time_s, train_time_s=e.total_time_s,
-        setup_s=setup, total_time_s=total, price_per_gpu_hour=cl.price_per_gpu_hour, cost_usd=cost,
+        setup_s=setup, total_time_s=total, price_per_gpu_hour=cl.price_per_gpu_hour,
+        price_date=str(cl.price_date) if cl.price_date else None, price_age_days=cl.price_age_days(), cost_usd=cost,
         tokens=tokens, cost_per_mtok_usd=per_mtok, index=index,
     )
 

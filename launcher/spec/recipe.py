@@ -33,6 +33,7 @@ PURE_BF16_STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 Offload = Literal["none", "optimizer", "params"]
 AttnImpl = Literal["sdpa", "eager", "flash_attention_2"]
 Provider = Literal["local", "slurm", "ssh", "runpod", "lambda"]
+PRICE_STALE_DAYS = 30  # a price read longer ago than this is said to be old wherever it is used
 RENTED: tuple[str, ...] = ("runpod", "lambda")  # providers whose machines ftl rents (facts: catalog/providers.yaml)
 
 
@@ -185,6 +186,18 @@ class Cluster(_Strict):
     @property
     def world_size(self) -> int:
         return self.gpus_per_node * self.nodes
+
+    def price_age_days(self, today: dt.date | None = None) -> int | None:
+        """Days since the profile's price was read (None without a price_date)."""
+        return None if self.price_date is None else ((today or dt.date.today()) - self.price_date).days
+
+    def price_note(self, today: dt.date | None = None) -> str | None:
+        """One line when the price costs are computed from is older than PRICE_STALE_DAYS, else None."""
+        age = self.price_age_days(today)
+        if not self.price_per_gpu_hour or age is None or age <= PRICE_STALE_DAYS:
+            return None
+        return (f"note: the price of {self.name} (${self.price_per_gpu_hour:g}/GPU-hour) was read on {self.price_date}, "
+                f"{age} days ago; costs may be off (ftl prices --refresh reads live prices)")
 
 
 class Recipe(_Strict):
