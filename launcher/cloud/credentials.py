@@ -21,6 +21,8 @@ from pathlib import Path
 import yaml
 
 from launcher.cloud.base import AuthError
+from launcher.core import useryaml
+from launcher.core.useryaml import UserYamlError
 from launcher.spec.catalog import provider_facts
 
 log = logging.getLogger("ftl.providers")
@@ -47,9 +49,11 @@ def api_key(provider: str) -> str:
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             log.warning("%s is readable by other users (mode %o): run chmod 600 %s", path, mode & 0o777, path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise AuthError(f"{provider}: cannot read {path} ({type(e).__name__}); set {env} instead", env,
+            data = useryaml.read(path) or {}
+        except (OSError, yaml.YAMLError, UserYamlError) as e:
+            # the reason, never the content (it holds keys)
+            why = f"not accepted at line {e.line}" if isinstance(e, UserYamlError) else type(e).__name__
+            raise AuthError(f"{provider}: cannot read {path} ({why}); set {env} instead", env,
                             provider=provider) from None
         block = data.get(provider) if isinstance(data, dict) else None
         key = str((block or {}).get("api_key") or "").strip() if isinstance(block, dict) else ""

@@ -15,7 +15,9 @@ from typing import Any, Literal, Union, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from launcher.core import useryaml
 from launcher.core.errors import FtlError, RecipeError, did_you_mean
+from launcher.core.useryaml import UserYamlError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # launcher/
 BUILTIN_LOCAL_PROFILE = "local"
@@ -269,7 +271,12 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(str(path), what, str(path), "no such file; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = useryaml.read(path)
+    except UserYamlError as e:
+        at = f"line {e.line}" if e.line else "(file)"
+        raise RecipeError(str(path), at, path.name, e.problem) from None
+    except OSError as e:
+        raise RecipeError(str(path), what, str(path), f"cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
@@ -288,7 +295,9 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if not keys:
         raise RecipeError("--set", item, item, "the key is empty; write --set key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = useryaml.loads(raw) if raw.strip() else ""
+    except UserYamlError as e:
+        raise RecipeError("--set", key.strip(), raw[:200], e.problem) from None
     except yaml.YAMLError:
         value = raw
     return keys, value
@@ -476,8 +485,8 @@ def load_profiles(refs: Sequence[str | Path] | None = None) -> tuple[list[Cluste
             raise FtlError(f"--clusters {ref}: no such file or folder; give cluster profile YAML files or a folder of them")
     clusters, paths = [], []
     for f in files:
-        raw = yaml.safe_load(f.read_text())
-        cl = load_cluster(f, None if isinstance(raw, dict) and raw.get("name") else {"name": f.stem})
+        raw = _read_yaml(f, "cluster")
+        cl = load_cluster(f, None if raw.get("name") else {"name": f.stem})
         clusters.append(cl)
         paths.append(str(f))
     if not clusters:

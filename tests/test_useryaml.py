@@ -1,0 +1,77 @@
+"""The one reader of users' YAML (launcher/core/useryaml.py): each class of bad input the 2026-12-01 fuzz found
+in the YAML layer ends in one error naming the file, the line and the fix -- quickly, never a traceback."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.core.errors import RecipeError
+from launcher.spec.recipe import load_recipe, parse_set
+
+GOOD = "name: t\nmodel: llama-3.2-1b\n"
+
+
+def _load(tmp_path: Path, text: str | bytes) -> RecipeError:
+    p = tmp_path / "r.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert e.value.file == str(p)
+    assert len(str(e.value)) < 600 and "\n" not in str(e.value)
+    return e.value
+
+
+def test_a_good_recipe_still_reads(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(GOOD + "train: {gradient_checkpointing: true, lr: 2.0e-4}\ncluster: {price_date: 2026-10-01}\n")
+    r = load_recipe(p)
+    assert r.train.gradient_checkpointing is True and str(r.cluster.price_date) == "2026-10-01"
+
+
+@pytest.mark.parametrize("text,line,words", [
+    (GOOD + "train:\n  lr: 0.1\ntrain:\n  epochs: 2\n", 5, "given twice (lines 3 and 5)"),
+    (GOOD + "train: {gradient_checkpointing: yes}\n", 3, "write true or false"),
+    (GOOD + "train: {epochs: 1:30}\n", 3, "base-60"),
+    (GOOD + "train: {seed: 010}\n", 3, "octal"),
+    (GOOD + "hub_model_id: !!binary aGVsbG8=\n", 3, "tag"),
+    (GOOD + "cluster: !!python/object:os.system {}\n", 3, "tag"),
+])
+def test_yaml_11_surprises_and_duplicates_are_refused_with_the_line(tmp_path, text, line, words):
+    e = _load(tmp_path, text)
+    assert e.field == f"line {line}" and words in e.fix, str(e)
+
+
+def test_not_utf8(tmp_path):
+    e = _load(tmp_path, GOOD.encode() + b"name2: caf\xe9\n")
+    assert "not UTF-8" in e.fix and e.field == "line 3"
+
+
+def test_alias_bomb_is_refused_fast_and_not_printed(tmp_path):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    t = time.monotonic()
+    e = _load(tmp_path, GOOD + "\n".join(levels) + "\n")
+    assert time.monotonic() - t < 2.0
+    assert "expands to more than" in e.fix
+
+
+def test_deep_nesting_is_refused(tmp_path):
+    e = _load(tmp_path, GOOD + "x: " + "[" * 500 + "]" * 500 + "\n")
+    assert "nested" in e.fix
+
+
+def test_huge_file_is_refused_before_reading(tmp_path):
+    e = _load(tmp_path, GOOD + "# " + "x" * (2 << 20) + "\n")
+    assert "at most" in e.fix
+
+
+def test_set_values_go_through_the_same_rules():
+    assert parse_set("train.gradient_checkpointing=true") == (["train", "gradient_checkpointing"], True)
+    assert parse_set("name=plain words") == (["name"], "plain words")
+    with pytest.raises(RecipeError, match="write true or false"):
+        parse_set("train.gradient_checkpointing=on")
+    with pytest.raises(RecipeError, match="base-60"):
+        parse_set("train.epochs=1:30")
