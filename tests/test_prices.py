@@ -144,6 +144,20 @@ def test_shipped_prices_are_complete_and_use_catalog_keys():
     assert {"a100-80gb", "h100-sxm", "h100-pcie", "h200", "l40s", "rtx-4090", "b200"} <= keys
 
 
+def test_every_shipped_price_has_its_own_date_and_source():
+    """No shipped price without the day it was read and a public source for it (per row, not per block)."""
+    data = P._shipped_data()
+    for provider, block in data.items():
+        assert block["page"].startswith("https://"), provider
+        for tier, table in block["tiers"].items():
+            for gpu, row in table.items():
+                assert set(row) <= {"usd", "date", "source", "type"}, (provider, tier, gpu)
+                assert isinstance(row["date"], dt.date) and dt.date(2026, 9, 1) <= row["date"] <= dt.date.today()
+                assert row["source"].startswith("https://"), (provider, tier, gpu)
+                if provider == "lambda":
+                    assert row["type"].startswith("gpu_"), gpu  # the instance the per-GPU price is of
+
+
 def test_shipped_prices_match_the_shipped_cluster_profiles():
     import yaml
 

@@ -88,13 +88,13 @@ def _shipped_data() -> dict[str, Any]:
 
 
 def shipped() -> list[Price]:
+    """The shipped prices: each row with the day it was read and the public source that states it."""
     out = []
     for provider, block in _shipped_data().items():
-        types = block.get("instance_types") or {}
         for tier, table in (block.get("tiers") or {}).items():
-            for gpu, usd in (table or {}).items():
-                out.append(Price(provider, tier, gpu, float(usd), str(block["date"]), str(block["source"]),
-                                 provider_type=types.get(gpu)))
+            for gpu, row in (table or {}).items():
+                out.append(Price(provider, tier, gpu, float(row["usd"]), str(row["date"]), str(row["source"]),
+                                 provider_type=row.get("type")))
     return out
 
 
