@@ -330,3 +330,11 @@ def test_allowed_precision_and_cross_entropy_are_searched_and_launched():
     assert f"--set train.cross_entropy={c.cross_entropy}" in res.launch_command
     with pytest.raises(FtlError, match="--allow-precision 'bf17': choose one of"):
         plan(dapt, clusters, cluster_paths=paths, allow_precisions=["bf17"])
+
+
+@pytest.mark.parametrize("kw,words", [({"budget_usd": float("inf")}, "--budget"), ({"budget_usd": -1.0}, "--budget"),
+                                      ({"deadline_s": 1e30}, "--deadline")])
+def test_nonsense_budget_and_deadline_are_refused(kw, words):
+    r = _recipe(MODELS[0])
+    with pytest.raises(FtlError, match=words):
+        plan(r, [r.cluster], **kw)

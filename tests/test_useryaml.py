@@ -75,3 +75,26 @@ def test_set_values_go_through_the_same_rules():
         parse_set("train.gradient_checkpointing=on")
     with pytest.raises(RecipeError, match="base-60"):
         parse_set("train.epochs=1:30")
+
+
+@pytest.mark.parametrize("train,words", [
+    ({"lr": float("inf")}, "finite"),
+    ({"lr": "inf"}, "finite"),
+    ({"epochs": "1e400"}, "finite"),
+    ({"micro_batch_size": True}, "a boolean"),
+    ({"micro_batch_size": 10**400}, "digits"),
+])
+def test_infinities_booleans_as_numbers_and_huge_integers_are_refused(train, words):
+    from launcher.spec.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"name": "t", "model": "llama-3.2-1b", "train": train})
+    assert words in e.value.fix and e.value.field.startswith("train.") and len(str(e.value)) < 400, str(e.value)
+    assert "Value error" not in str(e.value)
+
+
+def test_budget_flag_must_be_finite():
+    from launcher.spec.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError, match="finite"):
+        recipe_from_dict({"name": "t", "model": "llama-3.2-1b", "budget": {"max_cost_usd": float("inf")}})

@@ -648,7 +648,7 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG scatter of time vs cost with the Pareto frontier."),
     sets: Optional[list[str]] = SetOpt,
-    top: int = typer.Option(10, "--top", help="Rows in the table."),
+    top: int = typer.Option(10, "--top", min=1, help="Rows in the table (at least 1)."),
 ) -> None:
     """Search GPUs, GPU counts, strategies, offload, micro-batch, checkpointing (and the methods, precisions and
     cross-entropies you allow: they change the numerics, so never silently) for the fastest or cheapest plan

@@ -14,7 +14,10 @@ class RecipeError(FtlError):
     def __init__(self, file: str, field: str, value: object, fix: str):
         self.file, self.field, self.value, self.fix = file, field, value, fix
         where = f"{file}: " if file else ""
-        super().__init__(f"{where}{field} = {value!r}: {fix}")
+        shown = repr(value)
+        if len(shown) > 200:  # a 100,000-character value makes no error line readable
+            shown = shown[:200] + f"... ({len(shown):,} characters)"
+        super().__init__(f"{where}{field} = {shown}: {fix}")
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

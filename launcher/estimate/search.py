@@ -459,6 +459,10 @@ def plan(
     """The fastest (objective="time") or cheapest ("cost") candidate that fits and meets budget and deadline."""
     if objective not in ("time", "cost"):
         raise FtlError(f"--objective {objective!r}: choose time or cost")
+    if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd > 0):
+        raise FtlError(f"--budget {budget_usd}: give a positive, finite amount of USD")
+    if deadline_s is not None and not (math.isfinite(deadline_s) and 0 < deadline_s <= 366 * 86400 * 10):
+        raise FtlError(f"--deadline: {deadline_s:g} s is not a deadline; give one up to ten years, e.g. 6h or 3d")
     if budget_usd is None and recipe.budget.max_cost_usd is not None:
         budget_usd = recipe.budget.max_cost_usd
     if deadline_s is None and recipe.budget.max_hours is not None:

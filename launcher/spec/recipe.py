@@ -47,8 +47,24 @@ class FieldConflict(ValueError):
         self.field, self.value, self.fix = field, value, fix
 
 
+INT64_MAX = 2**63 - 1
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # finite floats only: inf and nan (also as 'inf', '.inf', '1e400') are never a learning rate, a budget or a price
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, v: Any, info: Any) -> Any:
+        """No booleans where a number goes (`micro_batch_size: true` is not 1), no integer beyond int64."""
+        if isinstance(v, bool):
+            ann = cls.model_fields[info.field_name].annotation
+            if ann is not bool and bool not in get_args(ann) and ann not in (Any,):
+                raise ValueError("a boolean where this key takes a value of another type: write the value itself")
+        elif isinstance(v, int) and abs(v) > INT64_MAX:
+            raise ValueError(f"an integer of {len(str(abs(v)))} digits: beyond what any count here can be")
+        return v
 
 
 class Lora(_Strict):
@@ -368,7 +384,9 @@ def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: s
             choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip()]
             hint = did_you_mean(value, choices)
         return RecipeError(file, field, value, f"must be one of {expected}.{hint}")
-    return RecipeError(file, field, value, e["msg"])
+    if kind == "finite_number":
+        return RecipeError(file, field, value, "must be a finite number (not inf or nan)")
+    return RecipeError(file, field, value, e["msg"].removeprefix("Value error, "))
 
 
 def load_cluster(path: str | Path, overrides: dict[str, Any] | None = None) -> Cluster:
