@@ -338,3 +338,21 @@ def test_nonsense_budget_and_deadline_are_refused(kw, words):
     r = _recipe(MODELS[0])
     with pytest.raises(FtlError, match=words):
         plan(r, [r.cluster], **kw)
+
+
+def test_plot_replaces_only_its_own_files_and_checks_the_folder_first(tmp_path):
+    clusters, paths = load_profiles()
+    res = plan(load_recipe(R8), clusters, cluster_paths=paths)
+    mine = write_plot(res, tmp_path / "plan.png")
+    first = mine.read_bytes()
+    assert write_plot(res, mine).read_bytes()[:8] == first[:8]  # an ftl plot may be replaced
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(FtlError, match="not a plot ftl wrote"):
+        write_plot(res, notes)
+    assert notes.read_text() == "keep me"
+    write_plot(res, notes, overwrite=True)
+    assert notes.read_bytes().startswith(b"\x89PNG")
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed, none left
+    p = _ftl("plan", str(R8), "--plot", str(tmp_path / "missing" / "p.png"))
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr

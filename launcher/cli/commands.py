@@ -34,7 +34,7 @@ from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
 from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate,
-                                write_plot)
+                                write_plot, check_plot_path)
 
 app = typer.Typer(
     name="ftl",
@@ -646,7 +646,8 @@ def plan_cmd(
     allow_precisions: Optional[list[str]] = typer.Option(None, "--allow-precision", help="Also consider this train.precision, e.g. bf16-pure (no fp32 master weights; repeatable)."),
     allow_cross_entropy: Optional[list[str]] = typer.Option(None, "--allow-cross-entropy", help="Also consider this train.cross_entropy, e.g. chunked (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG scatter of time vs cost with the Pareto frontier."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG scatter of time vs cost with the Pareto frontier (replaces only a plot ftl wrote)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Let --plot replace a file that is not an ftl plot."),
     sets: Optional[list[str]] = SetOpt,
     top: int = typer.Option(10, "--top", min=1, help="Rows in the table (at least 1)."),
 ) -> None:
@@ -659,13 +660,15 @@ def plan_cmd(
 
     try:
         r = load_recipe(recipe, sets=sets)
+        if plot is not None:
+            check_plot_path(plot, overwrite)  # before the search, not after it
         profiles, paths = load_profiles(clusters)
         res = run_plan(r, profiles, objective=objective, budget_usd=budget,
                        deadline_s=parse_duration(deadline) if deadline else None, max_gpus=max_gpus,
                        allow_methods=allow_methods or (), cluster_paths=paths, recipe_path=str(recipe), sets=sets or (),
                        allow_precisions=allow_precisions or (), allow_cross_entropy=allow_cross_entropy or ())
         if plot is not None:
-            write_plot(res, plot)
+            write_plot(res, plot, overwrite)
     except FtlError as e:
         fail(e)
     if as_json:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -196,7 +198,34 @@ PLOT_SIZE_PX = (1000, 600)  # width, height of the PNG --plot writes
 PLOT_DPI = 100
 
 
-def write_plot(res: PlanResult, path: str | Path) -> Path:
+PLOT_MARK = ("Software", "ftl plan")  # PNG text chunk that marks a plot as ftl's own (it may be replaced)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_plot_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Where --plot may write, checked before any work: an existing folder, and no file there that ftl did not
+    write (a PNG carrying PLOT_MARK) unless --overwrite."""
+    path = Path(path)
+    if path.is_dir():
+        raise FtlError(f"--plot {path}: is a folder; give a file name such as {path / 'plan.png'}")
+    if not path.parent.is_dir():
+        raise FtlError(f"--plot {path}: the folder {path.parent} does not exist; create it or pick another path")
+    if path.exists() and not overwrite and not _is_ftl_plot(path):
+        raise FtlError(f"--plot {path}: the file exists and is not a plot ftl wrote; pick another path or pass --overwrite")
+    return path
+
+
+def _is_ftl_plot(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    key, value = PLOT_MARK
+    return head.startswith(PNG_SIGNATURE) and b"tEXt" + key.encode() + b"\x00" + value.encode() in head
+
+
+def write_plot(res: PlanResult, path: str | Path, overwrite: bool = False) -> Path:
     """A PNG scatter of total time vs cost of the fitting candidates, the Pareto frontier as a line
     with labels, and the chosen plan circled. matplotlib (Agg) is imported only here."""
     try:
@@ -206,7 +235,7 @@ def write_plot(res: PlanResult, path: str | Path) -> Path:
         import matplotlib.pyplot as plt
     except ImportError:
         raise FtlError("--plot needs matplotlib: pip install matplotlib") from None
-    path = Path(path)
+    path = check_plot_path(path, overwrite)
     fit = res.fitting
     fig, ax = plt.subplots(figsize=(PLOT_SIZE_PX[0] / PLOT_DPI, PLOT_SIZE_PX[1] / PLOT_DPI), dpi=PLOT_DPI)
     try:
@@ -230,7 +259,15 @@ def write_plot(res: PlanResult, path: str | Path) -> Path:
         ax.set_title(f"{res.recipe.name}: {len(fit)} fitting candidates")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-        fig.savefig(path, dpi=PLOT_DPI, format="png")
+        # a temporary file beside the target, renamed over it: a reader never sees half a PNG
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fig.savefig(f, dpi=PLOT_DPI, format="png", metadata={PLOT_MARK[0]: PLOT_MARK[1]})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     finally:
         plt.close(fig)
     return path
