@@ -76,7 +76,9 @@ def _tokenizer(model_dir: str | None):
 
 
 def count_local(path: Path, columns: dict[str, str], model_dir: str | None, template: str | None = None) -> DataSize | None:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    # the files the trainer reads (launcher/train/data.py local_files): a folder's own, not its subfolders'
+    # (a recursive walk of data.path: / would go through /proc)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
     files = [f for f in files if f.suffix.lower() in {".jsonl", ".json", ".csv", ".txt"}]
     if not files:
         return None

@@ -48,6 +48,22 @@ class FieldConflict(ValueError):
 
 
 INT64_MAX = 2**63 - 1
+NAME_MAX, PATH_MAX = 255, 4096  # bytes per path component, per path (Linux)
+
+
+def path_text(v: str | None) -> str | None:
+    """A path (or hub id) as a string the operating system can take: no NUL byte, no component longer than
+    NAME_MAX bytes, at most PATH_MAX bytes; refused here so that no file call fails with a traceback."""
+    if v is None:
+        return v
+    if "\x00" in v:
+        raise ValueError("holds a NUL byte, which no path can")
+    if len(v.encode()) > PATH_MAX:
+        raise ValueError(f"a path of {len(v.encode()):,} bytes; the system takes at most {PATH_MAX:,}")
+    long = next((part for part in v.split("/") if len(part.encode()) > NAME_MAX), None)
+    if long is not None:
+        raise ValueError(f"a path component of {len(long.encode())} bytes; the system takes at most {NAME_MAX}")
+    return v
 
 
 class _Strict(BaseModel):
@@ -92,6 +108,7 @@ class Freeze(_Strict):
 
 class Data(_Strict):
     path: str | None = Field(None, description="Local file/folder (relative to the recipe) or a hub dataset id.")
+
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "txt", "hub"] = "auto"
     split: str = "train"
     validation_split: str | None = None
@@ -106,6 +123,11 @@ class Data(_Strict):
     prompt_template: str | None = None
     response_only_loss: bool = True
     label_map: dict[str, int] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return path_text(v)
 
 
 class Train(_Strict):
@@ -245,6 +267,11 @@ class Recipe(_Strict):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, v: str) -> str:
+        return path_text(v) or v
+
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if self.method == "qlora" and self.quantization.bits != 4:
@@ -284,7 +311,12 @@ class Recipe(_Strict):
 
 
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
+    try:
+        path_text(str(path))
+        found = path.is_file()
+    except (ValueError, OSError) as e:
+        raise RecipeError("", what, str(path), f"not a usable path: {e}") from None
+    if not found:
         raise RecipeError(str(path), what, str(path), "no such file; check the path")
     try:
         data = useryaml.read(path)

@@ -1,5 +1,6 @@
-"""The one reader of users' YAML (launcher/core/useryaml.py): each class of bad input the 2026-12-01 fuzz found
-in the YAML layer ends in one error naming the file, the line and the fix -- quickly, never a traceback."""
+"""Bad input (issue 15): each class the 2026-12-01 fuzz found in the YAML reader (launcher/core/useryaml.py),
+the schema's numbers and the paths ends in one error naming the file or key, the value (at most 200
+characters) and the fix -- quickly, never a traceback, never a walk of the filesystem."""
 
 from __future__ import annotations
 
@@ -98,3 +99,38 @@ def test_budget_flag_must_be_finite():
 
     with pytest.raises(RecipeError, match="finite"):
         recipe_from_dict({"name": "t", "model": "llama-3.2-1b", "budget": {"max_cost_usd": float("inf")}})
+
+
+@pytest.mark.parametrize("sets,field", [
+    (["model=/tmp/" + "a" * 300 + "/x"], "model"),
+    (["data.path=/tmp/" + "b" * 5000], "data.path"),
+])
+def test_unusable_paths_are_one_error_naming_the_key(sets, field):
+    root = Path(__file__).resolve().parent.parent
+    with pytest.raises(RecipeError) as e:
+        load_recipe(root / "recipes" / "quickstart.yaml", sets=sets)
+    assert e.value.field == field and "at most" in e.value.fix and len(str(e.value)) < 400
+
+
+def test_nul_bytes_and_long_recipe_names_are_refused():
+    from launcher.spec.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError, match="NUL byte"):
+        recipe_from_dict({"name": "t", "model": "a\x00b"})
+    with pytest.raises(RecipeError, match="not a usable path"):
+        load_recipe(Path("/tmp") / ("q" * 300 + ".yaml"))
+
+
+def test_a_data_folder_is_counted_like_the_trainer_reads_it_never_walked(tmp_path):
+    """The estimate counts a folder's own data files (as the trainer reads them), not its subfolders':
+    data.path: / does not walk the filesystem."""
+    from launcher.estimate.dataset import count_local
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "hidden.jsonl").write_text('{"text": "not read"}\n' * 5)
+    (tmp_path / "train.jsonl").write_text('{"text": "read"}\n' * 3)
+    size = count_local(tmp_path, {}, None)
+    assert size is not None and size.examples == 3
+    t = time.monotonic()
+    count_local(Path("/"), {}, None)  # only the files at the top of /, if any
+    assert time.monotonic() - t < 2
