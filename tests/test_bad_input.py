@@ -134,3 +134,17 @@ def test_a_data_folder_is_counted_like_the_trainer_reads_it_never_walked(tmp_pat
     t = time.monotonic()
     count_local(Path("/"), {}, None)  # only the files at the top of /, if any
     assert time.monotonic() - t < 2
+
+
+@pytest.mark.parametrize("raw,field,words", [
+    ({"lora": {"target_modules": "q_proj"}}, "lora.target_modules", "[q_proj]"),
+    ({"lora": {"target_modules": 0}}, "lora.target_modules", "'all-linear'; or a valid list"),
+    ({"train": {"max_steps": "ten"}}, "train.max_steps", "without quotes"),
+])
+def test_errors_name_the_key_not_pydantics_internals(raw, field, words):
+    from launcher.spec.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict({"name": "t", "model": "llama-3.2-1b", **raw})
+    assert e.value.field == field and words in e.value.fix, str(e.value)
+    assert "literal[" not in str(e.value) and "Input should" not in str(e.value)

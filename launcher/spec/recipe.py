@@ -394,9 +394,21 @@ def _field_model(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel]
 
 
 def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: str = "") -> RecipeError:
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if not isinstance(p, int) or True)
+    errors = err.errors()
+    e = errors[0]
+
+    def key_path(err_loc: tuple) -> tuple:  # without pydantic's union branches: "literal['all-linear']", "list[str]"
+        return tuple(p for p in err_loc if isinstance(p, int) or str(p).isidentifier() or "[" not in str(p))
+
+    loc = key_path(e["loc"])
     field = prefix + ".".join(str(p) for p in loc)
+    branches = [x for x in errors if key_path(x["loc"]) == loc]
+    if len(branches) > 1 and len(e["loc"]) > len(loc):  # a union: say what each alternative wanted
+        wants = "; or ".join(dict.fromkeys(x["msg"].removeprefix("Input should be ").rstrip(".") for x in branches))
+        value = e.get("input")
+        hint = (f" (one name is written as a list: [{value}])" if isinstance(value, str)
+                and any(x["type"] == "list_type" for x in branches) else "")
+        return RecipeError(file, field, value, f"must be {wants}{hint}")
     value = e.get("input")
     kind = e["type"]
     conflict = (e.get("ctx") or {}).get("error")
@@ -418,7 +430,10 @@ def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: s
         return RecipeError(file, field, value, f"must be one of {expected}.{hint}")
     if kind == "finite_number":
         return RecipeError(file, field, value, "must be a finite number (not inf or nan)")
-    return RecipeError(file, field, value, e["msg"].removeprefix("Value error, "))
+    msg = e["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+    msg = msg.replace(", unable to parse string as an integer", ": write the digits, without quotes")
+    msg = msg.replace(", unable to parse string as a number", ": write the number, without quotes")
+    return RecipeError(file, field, value, msg)
 
 
 def load_cluster(path: str | Path, overrides: dict[str, Any] | None = None) -> Cluster:
