@@ -148,3 +148,37 @@ def test_errors_name_the_key_not_pydantics_internals(raw, field, words):
         recipe_from_dict({"name": "t", "model": "llama-3.2-1b", **raw})
     assert e.value.field == field and words in e.value.fix, str(e.value)
     assert "literal[" not in str(e.value) and "Input should" not in str(e.value)
+
+
+def test_json_at_the_bounds_parses_everywhere():
+    """The largest recipe the schema accepts gives JSON with no NaN or Infinity and every integer within int64;
+    one step past the bounds is refused at validation."""
+    import json
+
+    from launcher.estimate.search import estimate
+    from launcher.spec.recipe import recipe_from_dict
+
+    raw = {"name": "t", "model": "llama-3.1-405b", "method": "full", "task": "dapt",
+           "data": {"max_seq_len": 2**24, "num_examples": 10**15 // 2**24, "avg_tokens_per_example": 2**24},
+           "train": {"micro_batch_size": 1, "grad_accum": 1024, "epochs": 10_000},
+           "cluster": {"gpu": "h100-sxm", "gpus_per_node": 64, "nodes": 1, "price_per_gpu_hour": 1000}}
+    d = estimate(recipe_from_dict(raw)).to_json()
+    json.dumps(d, allow_nan=False)
+
+    def ints(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                yield from ints(v)
+        elif isinstance(o, list):
+            for v in o:
+                yield from ints(v)
+        elif isinstance(o, int) and not isinstance(o, bool):
+            yield o
+
+    assert max(ints(d)) < 2**63 and isinstance(d["flops_per_step"], float)
+    for change, field in (({"train": {**raw["train"], "grad_accum": 65536}}, "train.grad_accum"),
+                          ({"data": {**raw["data"], "num_examples": 10**12}}, "data.num_examples"),
+                          ({"cluster": {**raw["cluster"], "nodes": 5000}}, "cluster.nodes")):
+        with pytest.raises(RecipeError) as e:
+            recipe_from_dict({**raw, **change})
+        assert e.value.field == field, str(e.value)

@@ -121,7 +121,7 @@ class Estimate:
             "data": {"examples": self.data.examples, "tokens": self.data.tokens, "source": self.data.source,
                      "sequences_per_epoch": self.sequences_per_epoch, "tokens_per_sequence": self.tokens_per_sequence},
             "tokens_per_step": self.tokens_per_step,
-            "flops_per_step": self.flops_per_step,
+            "flops_per_step": float(self.flops_per_step),  # a rate-like figure: a finite float (~1e19 for 405B full)
             "steps": self.steps,
             "step_time_s": self.step_time_s,
             "total_time_s": self.total_time_s,

@@ -48,6 +48,8 @@ class FieldConflict(ValueError):
 
 
 INT64_MAX = 2**63 - 1
+MAX_TOKENS = 10**15  # a training set (the largest pre-training corpora are ~1e14)
+MAX_STEP_TOKENS = 2**40  # tokens in one optimizer step (large pre-training runs take ~1.6e7)
 NAME_MAX, PATH_MAX = 255, 4096  # bytes per path component, per path (Linux)
 
 
@@ -84,8 +86,8 @@ class _Strict(BaseModel):
 
 
 class Lora(_Strict):
-    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is scaled by alpha / r.")
+    r: int = Field(16, gt=0, le=65536, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, le=1e6, description="Scaling numerator: the update is scaled by alpha / r.")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="Module short names (q_proj, v_proj, ...) or 'all-linear' (every linear but the output head)."
@@ -102,7 +104,7 @@ class Quantization(_Strict):
 
 
 class Freeze(_Strict):
-    trainable_layers: int = Field(0, ge=0, description="Train the last k transformer blocks (0: the head only).")
+    trainable_layers: int = Field(0, ge=0, le=10_000, description="Train the last k transformer blocks (0: the head only).")
     train_head: bool = True
 
 
@@ -113,12 +115,12 @@ class Data(_Strict):
     split: str = "train"
     validation_split: str | None = None
     validation_fraction: float = Field(0.05, ge=0, lt=1)
-    max_seq_len: int = Field(2048, gt=0)
+    max_seq_len: int = Field(2048, gt=0, le=2**24, description="Tokens per sequence (at most 2^24 = 16,777,216).")
     packing: bool = False
-    stride: int | None = Field(None, gt=0, description="DAPT window stride in tokens (default: max_seq_len, no overlap).")
-    num_examples: int | None = Field(None, gt=0)
-    num_tokens: int | None = Field(None, gt=0, description="Tokens in the training set, when known.")
-    avg_tokens_per_example: float | None = Field(None, gt=0)
+    stride: int | None = Field(None, gt=0, le=2**24, description="DAPT window stride in tokens (default: max_seq_len, no overlap).")
+    num_examples: int | None = Field(None, gt=0, le=10**12)
+    num_tokens: int | None = Field(None, gt=0, le=10**15, description="Tokens in the training set, when known.")
+    avg_tokens_per_example: float | None = Field(None, gt=0, le=2**24)
     columns: dict[str, str] = Field(default_factory=dict, description="Map ftl's field names to the dataset's columns.")
     prompt_template: str | None = None
     response_only_loss: bool = True
@@ -131,13 +133,13 @@ class Data(_Strict):
 
 
 class Train(_Strict):
-    micro_batch_size: int = Field(1, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    epochs: float = Field(1, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    lr: float = Field(2e-4, gt=0)
+    micro_batch_size: int = Field(1, gt=0, le=4096)
+    grad_accum: int = Field(1, gt=0, le=65536)
+    epochs: float = Field(1, gt=0, le=10_000)
+    max_steps: int | None = Field(None, gt=0, le=10**9)
+    lr: float = Field(2e-4, gt=0, le=10)
     optimizer: Optimizer = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=10)
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     precision: Precision = Field("bf16", description="bf16: mixed precision (fp32 master weights, gradients and "
@@ -152,11 +154,11 @@ class Train(_Strict):
                                 "The estimate does not model compiled kernels: memory and time are eager's.")
     attn_implementation: AttnImpl = "sdpa"
     seed: int = 42
-    eval_steps: int | None = Field(None, gt=0)
-    save_steps: int | None = Field(None, gt=0)
-    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk (the estimate's disk figure uses it).")
-    logging_steps: int = Field(10, gt=0)
-    early_stopping_patience: int | None = Field(None, gt=0)
+    eval_steps: int | None = Field(None, gt=0, le=10**9)
+    save_steps: int | None = Field(None, gt=0, le=10**9)
+    save_total_limit: int = Field(2, gt=0, le=10_000, description="Checkpoints kept on disk (the estimate's disk figure uses it).")
+    logging_steps: int = Field(10, gt=0, le=10**9)
+    early_stopping_patience: int | None = Field(None, gt=0, le=10**6)
     report_to: Literal["none", "tensorboard", "wandb"] = "none"
 
 
@@ -166,7 +168,7 @@ class Parallel(_Strict):
 
 
 class Dpo(_Strict):
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, le=1000)
 
 
 class EstimateSettings(_Strict):
@@ -175,8 +177,8 @@ class EstimateSettings(_Strict):
 
 
 class Budget(_Strict):
-    max_cost_usd: float | None = Field(None, gt=0)
-    max_hours: float | None = Field(None, gt=0)
+    max_cost_usd: float | None = Field(None, gt=0, le=1e9)
+    max_hours: float | None = Field(None, gt=0, le=87_840)
 
 
 class Host(_Strict):
@@ -195,15 +197,15 @@ class Cluster(_Strict):
     name: str = "local"
     provider: Provider = "local"
     gpu: str | None = Field(None, description="GPU catalog name; none means CPU processes (or the GPU detected).")
-    gpus_per_node: int = Field(1, gt=0)
-    nodes: int = Field(1, gt=0)
-    price_per_gpu_hour: float = Field(0.0, ge=0)
+    gpus_per_node: int = Field(1, gt=0, le=64)
+    nodes: int = Field(1, gt=0, le=4096)
+    price_per_gpu_hour: float = Field(0.0, ge=0, le=1000)
     price_date: dt.date | None = None
     price_source: str | None = None
-    inter_node_bandwidth_gbps: float = Field(12.5, gt=0, description="GB/s per node between nodes (100 Gb/s Ethernet = 12.5).")
-    cpu_memory_gib: float | None = Field(None, gt=0, description="Host RAM per node, to check offload.")
-    boot_seconds: float | None = Field(None, ge=0, description="Seconds from request to a running instance (ftl plan; default per provider: runpod 120, lambda 300, others 0).")
-    download_bandwidth_gbps: float | None = Field(None, gt=0, description="GB/s for downloading the model weights at start (ftl plan; default 1.0 on runpod/lambda, weights taken as present elsewhere).")
+    inter_node_bandwidth_gbps: float = Field(12.5, gt=0, le=10_000, description="GB/s per node between nodes (100 Gb/s Ethernet = 12.5).")
+    cpu_memory_gib: float | None = Field(None, gt=0, le=2**20, description="Host RAM per node, to check offload.")
+    boot_seconds: float | None = Field(None, ge=0, le=7 * 86400, description="Seconds from request to a running instance (ftl plan; default per provider: runpod 120, lambda 300, others 0).")
+    download_bandwidth_gbps: float | None = Field(None, gt=0, le=10_000, description="GB/s for downloading the model weights at start (ftl plan; default 1.0 on runpod/lambda, weights taken as present elsewhere).")
     budget: Budget = Field(default_factory=Budget)
     # provider fields (used by later backends; kept here so profiles validate as one schema)
     partition: str | None = None
@@ -284,6 +286,16 @@ class Recipe(_Strict):
             if self.method == "qlora" and self.quantization.compute_dtype != "bf16":
                 raise FieldConflict("quantization.compute_dtype", self.quantization.compute_dtype,
                                     "train.precision 'bf16-pure' computes in bf16: set quantization.compute_dtype bf16")
+        d, t = self.data, self.train
+        if d.num_examples and d.avg_tokens_per_example and d.num_examples * d.avg_tokens_per_example > MAX_TOKENS:
+            raise FieldConflict("data.num_examples", d.num_examples,
+                                f"with data.avg_tokens_per_example {d.avg_tokens_per_example:g} that is more than "
+                                f"{MAX_TOKENS:.0e} tokens, beyond any training set; check both")
+        step_tokens = t.micro_batch_size * t.grad_accum * self.cluster.world_size * d.max_seq_len
+        if step_tokens > MAX_STEP_TOKENS:
+            raise FieldConflict("train.grad_accum", t.grad_accum,
+                                f"a step of micro_batch_size x grad_accum x GPUs x max_seq_len = {step_tokens:.3g} tokens "
+                                f"is beyond the {MAX_STEP_TOKENS:.3g} any optimizer step takes; lower one of them")
         ce = self.train.cross_entropy
         if ce != "standard" and self.task == "classification":
             raise FieldConflict("train.cross_entropy", ce, "classification has no vocabulary logits to chunk; "
