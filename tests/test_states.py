@@ -147,7 +147,7 @@ def build(model_dir, cfg, recipe):
     model, peft_config = M.prepare_for_method(model, recipe)
     if peft_config is not None:
         model = M.attach_adapters(model, peft_config, recipe)
-    if recipe.method == "qlora" or (recipe.method == "lora" and M.pure_bf16(recipe)):
+    if M.trl_casts_trainables(recipe):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)  # what TRL's SFTTrainer / DPOTrainer do

@@ -451,6 +451,7 @@ class LogFollower:
         self.seen = 0
         self.reconnects = 0
         self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
         self.proc: subprocess.Popen | None = None
         self.prefix = f"[node {n.rank}] " if len(h.nodes) > 1 else ""
 
@@ -490,6 +491,7 @@ class LogFollower:
         """Stop following: after up to `wait_s` for the stream to end by itself (the node has ended, so its
         remote tail exits after the last line), kill what is left of it."""
         self.stopped.set()
-        self.thread.join(wait_s)
+        if self.thread is not None:
+            self.thread.join(wait_s)
         if self.proc is not None:
             kill_tree(self.proc)

@@ -67,19 +67,20 @@ class _Loader(yaml.SafeLoader):
                                 "for the word)", _line(node))
         return super().construct_yaml_bool(node)
 
-    def construct_yaml_int(self, node):  # type: ignore[override]
+    def _refuse_base60(self, node, construct) -> None:
         if _SEXAGESIMAL.match(node.value):
             raise UserYamlError(f"{node.value!r} reads as a base-60 number in YAML 1.1 ({node.value} -> "
-                                f"{super().construct_yaml_int(node)}): write the number, or quote it", _line(node))
+                                f"{construct(node)}): write the number, or quote it", _line(node))
+
+    def construct_yaml_int(self, node):  # type: ignore[override]
+        self._refuse_base60(node, super().construct_yaml_int)
         if _OCTAL.match(node.value):
             raise UserYamlError(f"{node.value!r} reads as an octal number in YAML 1.1: write it without the "
                                 "leading 0, or quote it", _line(node))
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node):  # type: ignore[override]
-        if _SEXAGESIMAL.match(node.value):
-            raise UserYamlError(f"{node.value!r} reads as a base-60 number in YAML 1.1: write the number, or "
-                                "quote it", _line(node))
+        self._refuse_base60(node, super().construct_yaml_float)
         return super().construct_yaml_float(node)
 
 

@@ -26,7 +26,7 @@ from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
 from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
-from launcher.spec.recipe import PRICE_STALE_DAYS, PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe, Train
+from launcher.spec.recipe import PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe, Train, price_note
 
 
 STRATEGY_LABEL = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
@@ -146,10 +146,9 @@ class PlanResult:
         """One line per profile whose price (among the ranked candidates shown) is older than PRICE_STALE_DAYS."""
         out: dict[str, str] = {}
         for c in self.ranked()[:limit]:
-            if c.price_per_gpu_hour and c.price_age_days is not None and c.price_age_days > PRICE_STALE_DAYS:
-                out.setdefault(c.profile, f"note: the price of {c.profile} (${c.price_per_gpu_hour:g}/GPU-hour) was read on "
-                                          f"{c.price_date}, {c.price_age_days} days ago; costs may be off "
-                                          "(ftl prices --refresh reads live prices)")
+            note = price_note(c.profile, c.price_per_gpu_hour, c.price_date, c.price_age_days)
+            if note:
+                out.setdefault(c.profile, note)
         return list(out.values())
 
     def to_json(self, limit: int | None = None) -> dict[str, Any]:

@@ -39,6 +39,14 @@ PRICE_STALE_DAYS = 30  # a price read longer ago than this is said to be old whe
 RENTED: tuple[str, ...] = ("runpod", "lambda")  # providers whose machines ftl rents (facts: catalog/providers.yaml)
 
 
+def price_note(profile: str, usd_per_gpu_hour: float, price_date: Any, age_days: int | None) -> str | None:
+    """The one line said wherever a cost is computed from a price older than PRICE_STALE_DAYS, else None."""
+    if not usd_per_gpu_hour or age_days is None or age_days <= PRICE_STALE_DAYS:
+        return None
+    return (f"note: the price of {profile} (${usd_per_gpu_hour:g}/GPU-hour) was read on {price_date}, {age_days} days "
+            "ago; costs may be off (ftl prices --refresh reads live prices)")
+
+
 class FieldConflict(ValueError):
     """A value that conflicts with another key of the recipe: reported on `field` (not on the whole recipe)."""
 
@@ -110,7 +118,6 @@ class Freeze(_Strict):
 
 class Data(_Strict):
     path: str | None = Field(None, description="Local file/folder (relative to the recipe) or a hub dataset id.")
-
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "txt", "hub"] = "auto"
     split: str = "train"
     validation_split: str | None = None
@@ -235,11 +242,7 @@ class Cluster(_Strict):
 
     def price_note(self, today: dt.date | None = None) -> str | None:
         """One line when the price costs are computed from is older than PRICE_STALE_DAYS, else None."""
-        age = self.price_age_days(today)
-        if not self.price_per_gpu_hour or age is None or age <= PRICE_STALE_DAYS:
-            return None
-        return (f"note: the price of {self.name} (${self.price_per_gpu_hour:g}/GPU-hour) was read on {self.price_date}, "
-                f"{age} days ago; costs may be off (ftl prices --refresh reads live prices)")
+        return price_note(self.name, self.price_per_gpu_hour, self.price_date, self.price_age_days(today))
 
 
 class Recipe(_Strict):
@@ -410,7 +413,7 @@ def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: s
     e = errors[0]
 
     def key_path(err_loc: tuple) -> tuple:  # without pydantic's union branches: "literal['all-linear']", "list[str]"
-        return tuple(p for p in err_loc if isinstance(p, int) or str(p).isidentifier() or "[" not in str(p))
+        return tuple(p for p in err_loc if isinstance(p, int) or "[" not in str(p))
 
     loc = key_path(e["loc"])
     field = prefix + ".".join(str(p) for p in loc)

@@ -82,6 +82,12 @@ def pure_bf16(recipe: Recipe) -> bool:
     return recipe.train.precision == "bf16-pure"
 
 
+def trl_casts_trainables(recipe: Recipe) -> bool:
+    """True where TRL casts the trainable parameters to bf16 on its own (a 4-bit model, or LoRA under bf16-pure,
+    whose bf16 base it reads as such) and the trainer must put them back with `cast_trainable`."""
+    return recipe.method == "qlora" or (recipe.method == "lora" and pure_bf16(recipe))
+
+
 def trained_dtype(recipe: Recipe) -> torch.dtype:
     """dtype of the parameters that train: fp32 masters, or bf16 under bf16-pure."""
     return torch.bfloat16 if pure_bf16(recipe) else torch.float32

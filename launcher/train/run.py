@@ -578,7 +578,7 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
     counts_data = {"train_examples": len(trainer.train_dataset) if trainer.train_dataset is not None else 0,
                    "eval_examples": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
                    "dropped_examples": 0 if packed else len(train_ds) - len(trainer.train_dataset or [])}
-    if recipe.method == "qlora" or (recipe.method == "lora" and M.pure_bf16(recipe)):  # TRL's own casts undone
+    if M.trl_casts_trainables(recipe):
         n = M.cast_trainable(trainer.model, M.trained_dtype(recipe))
         if n:
             log.info("%s: %d trainable parameters back to %s (TRL had cast them)", recipe.method, n, M.trained_dtype(recipe))
