@@ -23,6 +23,7 @@ from launcher.core.durations import format_duration as duration
 from launcher.core.durations import parse_duration
 from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
+from launcher.estimate import probed
 from launcher.estimate.arch import arch_from_config
 from launcher.estimate.search import estimate as run_estimate
 from launcher.estimate.search import plan as run_plan
@@ -35,6 +36,9 @@ from launcher.spec.catalog import models as catalog_models
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
 from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate,
                                 write_plot, check_plot_path)
+
+# an architecture without an analytic builder is probed once (seconds): say so while it runs
+probed.on_probe = lambda line: err_console.print(f"[dim]{escape(line)}[/dim]")
 
 app = typer.Typer(
     name="ftl",

@@ -44,6 +44,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
+from types import SimpleNamespace
+
+from launcher.estimate import probed
 from launcher.estimate.arch import dropout_from_config  # noqa: F401  (re-exported)
 from launcher.estimate.arch import Arch, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
@@ -731,6 +734,8 @@ def activation_bytes(
     tests measure: dropout keeps a noise tensor of the input dtype instead of a bool mask, autocast
     keeps layer_norm/pow/softmax in the input dtype, SDPA with attention dropout runs the math path).
     """
+    if arch.probe is not None:
+        return _probed_bytes(arch, params, recipe, device)
     b = recipe.train.micro_batch_size
     s = recipe.data.max_seq_len
     ckpt = recipe.train.gradient_checkpointing
@@ -834,3 +839,65 @@ def _backward_transient(arch: Arch, recipe: Recipe, c: _Ctx, tokens: int, recomp
     if widest and recipe.method in ("lora", "qlora"):
         per_token += widest * (c.adapter_nb * (c.base_nb != c.adapter_nb) + c.adapter_nb * (c.lora_p > 0))
     return int(per_token * tokens + recomputed)
+
+
+def _probed_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device) -> ActivationBytes:
+    """Activation bytes of an architecture taken from the model itself (launcher/estimate/probed.py):
+    what each layer and the embeddings / final norm saved in the probe's fake step, fitted over its
+    (batch, sequence) shapes; the head input, the loss buffers and the backward workspace as for the
+    analytic families. Under gradient checkpointing each layer keeps only its input (the residual
+    stream) and the backward re-creates the largest layer's saved set."""
+    b = recipe.train.micro_batch_size
+    s = recipe.data.max_seq_len
+    ckpt = recipe.train.gradient_checkpointing
+    tokens = b * s
+    runs = probed.measured_runs(arch, params, recipe)
+    r0 = runs[0]
+    per_layer = [probed.fit(runs, lambda r: r["saved"][i]).at(b, s) for i in range(len(r0["saved"]))]
+    outside = probed.fit(runs, lambda r: r["outside"]["saved"]).at(b, s)
+    precision = recipe.train.precision
+    pure = precision == "bf16-pure"
+    autocast = precision not in ("fp32", "bf16-pure")
+    cd = FP32 if precision == "fp32" else 2
+    lora = recipe.method in ("lora", "qlora")
+    base_nb = cd if (lora or pure) else FP32
+    res_nb = int(r0["out_nb"])  # the residual stream's element size: the body's output
+    detail: dict[str, int] = {}
+    if ckpt:
+        detail["checkpointed layer inputs"] = int(len(per_layer) * tokens * arch.hidden * res_nb)
+    else:
+        detail["layers (measured)"] = int(sum(per_layer))
+    detail["embeddings + final norm (measured)" if arch.head == "causal_lm" else "embeddings, head, loss (measured)"] = int(outside)
+    copies = sum(r0["weight_copies"]) + r0["outside"]["weight_copies"]
+    _, head_trains = _head_trains(arch, params, recipe)
+    body_rg = recipe.method != "freeze" or recipe.freeze.trainable_layers > 0 or ckpt or params.embeddings_train
+    if arch.head == "causal_lm":
+        rows = (s - 1) / s
+        if loss_in_tiles(recipe):
+            detail["loss"] = int(tokens * rows * (arch.hidden * res_nb + TRL_SAVED_PER_TOKEN[device]))
+        else:
+            head_in = 2 if (autocast and res_nb == FP32) else res_nb
+            detail["final norm + head input"] = int(tokens * arch.hidden * head_in) if head_trains else 0
+            detail["loss"] = tokens * INT64
+            if body_rg and autocast and (head_trains or base_nb == FP32):
+                copies += arch.hidden * arch.vocab * cd
+    saved = sum(detail.values())
+    c = SimpleNamespace(cd=cd, base_nb=base_nb, params=params, adapter_nb=2 if pure else FP32,
+                        lora_p=recipe.lora.dropout, head_in_nb=res_nb, tr=SimpleNamespace(autocast=autocast))
+    if arch.head == "causal_lm" and loss_in_tiles(recipe):
+        logits, detail["logits (forward peak)"] = _tiled_loss_bytes(arch, params, recipe, c, device, b, s)  # type: ignore[arg-type]
+    elif arch.head == "causal_lm":
+        logit_elems = tokens * arch.vocab
+        logits = 12 * logit_elems
+        detail["loss saved (log-softmax)"] = FP32 * logit_elems
+        detail["logits (forward peak)"] = (FP32 + FP32 + (cd if cd != FP32 else 0)) * logit_elems
+    else:
+        logits = b * max(arch.num_labels, 1) * 16
+    per_layer_b = int(max(per_layer, default=0))
+    transient = _backward_transient(arch, recipe, c, tokens, per_layer_b if ckpt else 0)  # type: ignore[arg-type]
+    if ckpt:
+        detail["recomputed layer"] = per_layer_b
+    detail["autocast weight copies"] = int(copies)
+    detail["autocast weight copies (forward)"] = int(copies)
+    return ActivationBytes(saved=int(saved), logits=int(logits), backward_transient=transient,
+                           per_layer=per_layer_b, detail=detail)

@@ -30,6 +30,7 @@ class Linear:
     in_features: int
     out_features: int
     bias: bool = False
+    conv1d: bool = False  # GPT-2's Conv1D stores its weight as (in, out)
 
     @property
     def short(self) -> str:
@@ -55,6 +56,11 @@ class Block:
     other: dict[str, int] = field(default_factory=dict)
     # Fused MoE expert weights (transformers 5 stores them as 3-D parameters, not Linear modules).
     expert_params: int = 0
+    # Probed architectures only (launcher/estimate/probed.py): the shape and owning module's size of
+    # every parameter of the block by its name inside the block, and the layer indices it stands for.
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    modules: dict[str, int] = field(default_factory=dict)
+    indices: tuple[int, ...] = ()
 
     @property
     def params(self) -> int:
@@ -83,13 +89,29 @@ class Arch:
     blocks: tuple[Block, ...]
     # Training-time dropout probabilities (embd, resid, attn, classifier): dropout keeps masks for backward.
     dropout: dict[str, float] = field(default_factory=dict)
+    # Set for architectures taken from the model itself (launcher/estimate/probed.py): where its
+    # inventory and step measurements are cached; activations and FLOPs then come from those.
+    probe: Any = None
+    buffers: int | None = None  # registered buffer bytes, when measured
+    active: int | None = None  # parameters per token, when the probe counted the routed experts
 
     def block(self, name: str) -> Block:
         return next(b for b in self.blocks if b.name == name)
 
     @property
     def layer(self) -> Block:
+        """The (first kind of) decoder / encoder layer; `layer_blocks` has every kind."""
         return self.block("layer")
+
+    @property
+    def layer_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if b.name == "layer"]
+
+    def top_layers(self, block: Block, k: int) -> int:
+        """How many of `block`'s layers are among the top k of the model (freeze trains those)."""
+        first = self.layers - k
+        indices = block.indices or range(self.layers - block.count, self.layers)
+        return sum(1 for i in indices if i >= first)
 
     @property
     def params_total(self) -> int:
@@ -98,6 +120,8 @@ class Arch:
     @property
     def params_active(self) -> int:
         """Parameters one token passes through: MoE counts only the routed experts."""
+        if self.active is not None:
+            return self.active
         if not self.num_experts:
             return self.params_total
         idle = self.layer.expert_params * (self.num_experts - self.experts_per_token) // self.num_experts
@@ -110,7 +134,8 @@ class Arch:
 
     @property
     def params_per_layer(self) -> int:
-        return self.layer.params
+        """Parameters of the largest layer."""
+        return max(b.params for b in self.layer_blocks)
 
     @property
     def head_linear(self) -> Linear | None:

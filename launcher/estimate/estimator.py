@@ -16,7 +16,8 @@ from typing import Any
 from launcher.spec.catalog import GpuSpec, ModelSpec, find_gpu
 from launcher.core.errors import FtlError
 from launcher.estimate.activations import loss_in_tiles
-from launcher.estimate.arch import Arch, ArchError, arch_from_config
+from launcher.estimate.arch import SUPPORTED, Arch, ArchError, arch_from_config
+from launcher.estimate.probed import ProbeError, probe_arch
 from launcher.estimate.compute import comm_volume, default_mfu, link_bandwidth, optimizer_steps, step_time, total_cost
 from launcher.estimate.dataset import DataSize, data_size, sequences_per_epoch
 from launcher.estimate.flops import flops_per_step
@@ -83,6 +84,9 @@ class Estimate:
                 "params_trainable": self.params.trainable,
                 "params_adapter": self.params.adapter,
                 "params_quantized": self.params.quantized_weights,
+                # "analytic": a hand-written family; "probe": taken from the model itself (cached inventory)
+                "arch_source": "probe" if self.arch.probe is not None else "analytic",
+                "probe_cache": self.arch.probe.path if self.arch.probe is not None else None,
             },
             "method": self.recipe.method,
             "task": self.recipe.task,
@@ -171,9 +175,12 @@ def _head(recipe: Recipe) -> str:
 
 
 def build_arch(recipe: Recipe, spec: ModelSpec) -> Arch:
+    """The analytic builder of a known family, else the architecture probed from the model itself."""
     try:
+        if spec.config.get("model_type") not in SUPPORTED:
+            return probe_arch(spec.config, _head(recipe), recipe.num_labels, recipe)  # type: ignore[arg-type]
         return arch_from_config(spec.config, _head(recipe), recipe.num_labels)  # type: ignore[arg-type]
-    except ArchError as e:
+    except (ArchError, ProbeError) as e:
         raise FtlError(f"model = {recipe.model!r}: {e}") from None
     except KeyError as e:
         raise FtlError(f"model = {recipe.model!r}: its config.json lacks {e}; is it a transformers config?") from None

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from launcher.estimate import probed
 from launcher.estimate.activations import loss_in_tiles
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.estimate.params import ParamPlan, modules_to_save
@@ -119,9 +120,52 @@ def input_requires_grad(params: ParamPlan, recipe: Recipe) -> bool:
     return params.embeddings_train or recipe.train.gradient_checkpointing
 
 
+def _probed_flops(arch: Arch, params: ParamPlan, recipe: Recipe, s: int) -> StepFlops:
+    """FLOPs of one sequence for an architecture taken from the model itself: the body's forward and
+    backward as the probe's FlopCounterMode counted them (fitted over its two sequence lengths; the
+    backward's input and weight gradients together, under `backward_input`), the head as below."""
+    runs = probed.measured_runs(arch, params, recipe)
+    eager = recipe.train.attn_implementation == "eager"  # its s x s products are in the counter's matmuls
+
+    def at(get, shape: str) -> int:
+        return int(round(probed.fit(runs, get, batch=False, shape=shape).at(1, s)))
+
+    n = len(runs[0]["forward_flops"])
+    # the probe's attention figures (forward + 2.5x forward backward) are pure s^2: fitted apart from the
+    # matmuls, which grow linearly (plus a constant per sequence: a convolution's padding)
+    attn = [at(lambda r: r["attention_flops"][i], "s2") for i in range(n)]
+    mm = "s+s2" if eager else "s+1"
+    layer_fwd = [at(lambda r: r["forward_flops"][i] - r["attention_flops"][i] / 3.5, mm) + attn[i] / 3.5 for i in range(n)]
+    layer_bwd = [at(lambda r: r["backward_flops"][i] - r["attention_flops"][i] * 2.5 / 3.5, mm) + attn[i] * 2.5 / 3.5
+                 for i in range(n)]
+    forward = int(sum(layer_fwd)) + at(lambda r: r["outside"]["forward_flops"], mm)
+    backward = int(sum(layer_bwd)) + at(lambda r: r["outside"]["backward_flops"], mm)
+    attention = int(sum(attn))
+    ckpt = recipe.train.gradient_checkpointing
+    recompute = int(sum(layer_fwd)) if ckpt else 0
+    bwd_weight = 0
+    if arch.head == "causal_lm":
+        w = arch.hidden * arch.vocab
+        rows = s - 1 if loss_in_tiles(recipe) else s
+        head_trains = recipe.method == "full" or (recipe.method == "freeze" and recipe.freeze.train_head)
+        body_rg = recipe.method != "freeze" or recipe.freeze.trainable_layers > 0 or ckpt
+        forward += 2 * w * rows
+        backward += 2 * w * rows if body_rg else 0
+        bwd_weight = 2 * w * rows if head_trains else 0
+        if loss_in_tiles(recipe):
+            recompute += 2 * w * rows
+    total = forward + backward + bwd_weight + recompute
+    attn_fwd = int(attention / 3.5)  # the probe's attention figures are forward + backward (2.5x forward)
+    return StepFlops(forward=forward, backward_input=backward, backward_weight=bwd_weight, recompute=recompute,
+                     attention=attention + (attn_fwd if ckpt else 0), total=total,
+                     per_token_model=int(3 * (forward - attn_fwd) // max(1, s)))
+
+
 def flops_per_sequence(arch: Arch, params: ParamPlan, recipe: Recipe, *, seq_len: int | None = None) -> StepFlops:
     """FLOPs to train on one sequence of `recipe.data.max_seq_len` tokens (or `seq_len`), forward and backward."""
     s = seq_len or recipe.data.max_seq_len
+    if arch.probe is not None:
+        return _probed_flops(arch, params, recipe, s)
     method = recipe.method
     lora = method in ("lora", "qlora")
     r = recipe.lora.r

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launcher.core.errors import FtlError
 from launcher.estimate.arch import Arch, Block, Linear
 from launcher.spec.recipe import Recipe
 
@@ -35,15 +36,41 @@ class ParamPlan:
     embeddings_train: bool
 
 
+ROUTER_NAMES = ("gate", "router")
+# PEFT 0.18 refuses LoRA on these modules of state-space models (peft/tuners/tuners_utils.py,
+# _check_lora_target_modules_mamba): all-linear leaves them out, a named one is an error
+PEFT_MAMBA_TYPES = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"}
+PEFT_MAMBA_REFUSED = {"out_proj", "conv1d"}
+
+
+def is_router(arch: Arch, linear: Linear) -> bool:
+    """An MoE router as a Linear (probed architectures): PEFT's all-linear would adapt it, ftl does not."""
+    return bool(arch.num_experts) and linear.short in ROUTER_NAMES and linear.out_features == arch.num_experts
+
+
 def _is_target(linear: Linear, targets: list[str] | str, arch: Arch, block: Block) -> bool:
     if block.name == "head":
         return False  # PEFT's all-linear never adapts the output layer; named targets are matched below
+    if arch.model_type in PEFT_MAMBA_TYPES and linear.short in PEFT_MAMBA_REFUSED:
+        return False
     if targets == "all-linear":
-        return True
+        return not is_router(arch, linear)
     return linear.short in targets or linear.name in targets
 
 
 def lora_targets(arch: Arch, targets: list[str] | str) -> tuple[tuple[Block, Linear], ...]:
+    """The Linear modules LoRA adapts; a named target that is no Linear module of the model is an error."""
+    if targets != "all-linear":
+        real = {n for _, l in arch.linears() for n in (l.short, l.name)}
+        absent = [t for t in targets if t not in real]
+        refused = [t for t in targets if arch.model_type in PEFT_MAMBA_TYPES and t in PEFT_MAMBA_REFUSED]
+        if refused:
+            raise FtlError(f"lora.target_modules: PEFT does not adapt {', '.join(map(repr, refused))} of "
+                           f"{arch.model_type} models; leave {'it' if len(refused) == 1 else 'them'} out (or use 'all-linear')")
+        if absent:
+            raise FtlError(
+                f"lora.target_modules: {', '.join(map(repr, absent))} {'is' if len(absent) == 1 else 'are'} not a Linear "
+                f"module of {arch.model_type}; its Linear modules: {', '.join(target_names(arch))} (or 'all-linear')")
     found = tuple((b, l) for b, l in arch.linears() if _is_target(l, targets, arch, b))
     if targets != "all-linear":
         # an explicitly named head is adapted too (PEFT matches by name)
@@ -94,7 +121,7 @@ def plan_params(arch: Arch, recipe: Recipe) -> ParamPlan:
     elif method == "freeze":
         k = min(recipe.freeze.trainable_layers, arch.layers)
         head = arch.block("head")
-        trainable_base = k * arch.layer.params + arch.block("final").params
+        trainable_base = sum(arch.top_layers(b, k) * b.params for b in arch.layer_blocks) + arch.block("final").params
         if recipe.freeze.train_head:
             if arch.tie_embeddings:  # the head is the embedding matrix
                 trainable_base += arch.block("embeddings").other.get("embed_tokens", arch.block("embeddings").other.get("wte", 0))

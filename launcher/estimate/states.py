@@ -149,13 +149,34 @@ def _unit(arch: Arch, block: Block, key: str) -> str:
             return "tail" if arch.tie_embeddings else "embed"
         return "root"
     if block.name == "final":
+        if arch.probe is not None:
+            return "tail" if not arch.encoder else "root"
         return "tail" if key in _NORM_KEYS and not arch.encoder else "root"
     return "tail" if arch.head == "causal_lm" else "root"  # head
+
+
+def _probed_tensors(arch: Arch, b: Block) -> list[tuple[Block, Linear | None, Tensor]]:
+    """A probed block's parameters with their real shapes (FSDP2 shards dim 0) and owning modules."""
+    by_module = {l.name: l for l in b.linears}
+    out: list[tuple[Block, Linear | None, Tensor]] = []
+    for name, shape in b.shapes.items():
+        module, _, _ = name.rpartition(".")
+        lin = by_module.get(module)
+        key = "embed_tokens" if name == "embed_tokens" else (lin.short if lin else name)
+        rows = shape[0] if shape else 1
+        cols = 1
+        for d in shape[1:]:
+            cols *= d
+        out.append((b, lin, Tensor(f"{b.name}.{name}", rows, cols, b.count, _unit(arch, b, key), b.modules.get(name, rows * cols))))
+    return out
 
 
 def _base_tensors(arch: Arch) -> list[tuple[Block, Linear | None, Tensor]]:
     out: list[tuple[Block, Linear | None, Tensor]] = []
     for b in arch.blocks:
+        if b.shapes:
+            out += _probed_tensors(arch, b)
+            continue
         for l in b.linears:
             rows, cols = (l.in_features, l.out_features) if arch.model_type == "gpt2" else (l.out_features, l.in_features)
             unit = _unit(arch, b, l.short)
@@ -194,10 +215,11 @@ def inventory(arch: Arch, params: ParamPlan, recipe: Recipe) -> list[Tensor]:
         k = min(recipe.freeze.trainable_layers, arch.layers)
         for b, l, t in base:
             if b.name == "layer":
-                if k:
-                    out.append(_with(t, count=k, trainable=True))
-                if arch.layers - k:
-                    out.append(_with(t, count=arch.layers - k))
+                top = arch.top_layers(b, k)
+                if top:
+                    out.append(_with(t, count=top, trainable=True))
+                if b.count - top:
+                    out.append(_with(t, count=b.count - top))
             elif b.name == "final":
                 out.append(_with(t, trainable=True))
             elif b.name == "head":
@@ -254,6 +276,8 @@ def bnb_state_bytes(numel: int, threshold_numel: int | None = None) -> tuple[int
 
 def buffer_bytes(arch: Arch) -> int:
     """Registered buffers transformers creates (rotary inv_freq, position ids, embed scale)."""
+    if arch.buffers is not None:
+        return arch.buffers
     if arch.model_type == "gpt2":
         return 0
     if arch.encoder:

@@ -36,11 +36,14 @@ from typing import Any
 import torch
 
 from launcher.core.errors import FtlError
-from launcher.estimate.arch import ArchError, arch_from_config
+from launcher.estimate.arch import SUPPORTED, ArchError, arch_from_config
+from launcher.estimate.probed import arch_from_inventory
 from launcher.estimate.params import modules_to_save, peft_target_modules, plan_params
 from launcher.spec.catalog import index as catalog_index
 from launcher.spec.catalog import models
 from launcher.spec.recipe import Recipe
+from launcher.train.adapters import lora_model
+from launcher.train.probe import inventory_of
 
 log = logging.getLogger("ftl.train")
 
@@ -306,7 +309,11 @@ def lora_config(model, recipe: Recipe):
 
     head = "seq_cls" if recipe.task == "classification" else "causal_lm"
     try:
-        arch = arch_from_config(model.config.to_dict(), head, recipe.num_labels)  # type: ignore[arg-type]
+        cfg = model.config.to_dict()
+        if cfg.get("model_type") in SUPPORTED:
+            arch = arch_from_config(cfg, head, recipe.num_labels)  # type: ignore[arg-type]
+        else:  # the same module tree the estimator probed: the same target list
+            arch = arch_from_inventory({"inventory": inventory_of(model, model.config)}, cfg, head, recipe.num_labels)  # type: ignore[arg-type]
         params = plan_params(arch, recipe)
         targets: Any = peft_target_modules(params)
         save = modules_to_save(arch, recipe)
@@ -368,10 +375,9 @@ def prepare_kbit(model, gradient_checkpointing: bool):
 
 
 def attach_adapters(model, peft_config, recipe: Recipe):
-    from peft import get_peft_model
-
-    # adapters in fp32 (autocast_adapter_dtype=True), or in the base's bf16 under bf16-pure
-    return get_peft_model(model, peft_config, autocast_adapter_dtype=not pure_bf16(recipe))
+    # adapters in fp32 (autocast_adapter_dtype=True), or in the base's bf16 under bf16-pure; the target
+    # list as given (launcher/train/adapters.py)
+    return lora_model(model, peft_config, adapter_fp32=not pure_bf16(recipe))
 
 
 def cast_trainable(model, adapter_dtype: torch.dtype = torch.float32) -> int:
