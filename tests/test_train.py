@@ -198,6 +198,45 @@ def test_freeze_trains_last_layers_final_norm_and_head(tmp_path):
     assert s.counts["trainable"] == plan_params(arch, s.recipe).trainable
 
 
+def _probed_model_dir(tmp_path: Path, model_type: str) -> Path:
+    """A tiny `model_type` (no analytic builder: the estimator probes it) with the shipped tokenizer."""
+    import shutil
+
+    from probe_kit import tiny_config
+
+    base = json.loads((TINY / "config.json").read_text())
+    d = tmp_path / model_type
+    d.mkdir()
+    for f in TINY.iterdir():
+        if f.name.startswith("tokenizer") or f.name.startswith("special"):
+            shutil.copy(f, d / f.name)
+    cfg = tiny_config(model_type, layers=3, vocab_size=base["vocab_size"], pad_token_id=base.get("pad_token_id") or 0,
+                      bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"))
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("model_type,method", [("deepseek_v3", "lora"), ("gemma3_text", "freeze")])
+def test_probed_architecture_trains_what_was_estimated(tmp_path, model_type, method, monkeypatch):
+    """A probed architecture: the trainer's trainable parameters are the estimate's, to the parameter
+    (DeepSeek-V3's dense first layer and shared experts adapted, its fused experts not)."""
+    from launcher.estimate import probed
+    from launcher.estimate.params import plan_params
+
+    monkeypatch.setenv("FTL_CACHE", str(tmp_path / "cache"))
+    folder = _probed_model_dir(tmp_path, model_type)
+    run = make_run(tmp_path, model=str(folder), method=method, lora={"r": 4}, freeze={"trainable_layers": 1},
+                   train={"precision": "bf16"}, **SFT)
+    s = session(run)
+    arch = probed.probe_arch(json.loads((folder / "config.json").read_text()), "causal_lm", 2)
+    assert arch.probe is not None
+    trainable = {n for n, p in s.trainer.model.named_parameters() if p.requires_grad}
+    assert s.counts["trainable"] == plan_params(arch, s.recipe).trainable
+    if method == "lora":
+        assert not [n for n in trainable if ".mlp.experts." in n], sorted(trainable)
+        assert any("shared_experts" in n for n in trainable) and any(".layers.0.mlp.gate_proj" in n for n in trainable)
+
+
 def test_lora_adapts_the_estimated_targets(tmp_path):
     import torch
 
