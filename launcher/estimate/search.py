@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from launcher.core.durations import format_duration
 from launcher.core.errors import FtlError
+from launcher.estimate import probed
 from launcher.estimate.arch import Arch
 from launcher.estimate.compute import total_cost
 from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
@@ -271,6 +272,9 @@ def enumerate_candidates(
     mrecipes = {v: mr for v in itertools.product(methods, precisions, ces) if (mr := _variant_recipe(recipe, *v)) is not None}
     weight_bytes = 0 if spec.origin == "local" else arch.published_bytes  # downloaded before the first step
 
+    if arch.probe is not None:  # a probed architecture: every variant the search tries, in one probe process
+        probed.prefetch(arch, [mr.model_copy(update={"train": mr.train.model_copy(update={"gradient_checkpointing": ck})})
+                               for mr in mrecipes.values() for ck in (True, False)])
     out: list[Candidate] = []
     skipped: list[str] = []
     trains: dict[tuple, Any] = {}
@@ -613,6 +617,25 @@ def _combine(r: Recipe, changes: Sequence[Change]) -> dict[str, Any] | None:
     return keys
 
 
+# the recipe keys whose changes a probed architecture measures apart (launcher/estimate/probed.py variant)
+_VARIANT_KEYS = {"train.gradient_checkpointing", "train.precision", "method"}
+
+
+def _prefetch_changes(r: Recipe, arch: Arch, groups: list[list[Change]]) -> None:
+    """Probe, in one process, every variant the suggestions of `groups` can ask for."""
+    keysets: list[dict[str, Any]] = [{}]
+    for g in groups:
+        options = [keys for _, keys in g if set(keys) & _VARIANT_KEYS]
+        keysets += [{**k, **o} for k in keysets for o in options]
+    recipes = []
+    for keys in keysets:
+        try:
+            recipes.append(_with(r, {k: v for k, v in keys.items() if k in _VARIANT_KEYS}))
+        except Exception:  # noqa: BLE001 - a combination that does not validate is never suggested
+            continue
+    probed.prefetch(arch, recipes)
+
+
 def _with(r: Recipe, changes: dict[str, Any]) -> Recipe:
     new = r.model_copy(deep=True)
     for path, value in changes.items():
@@ -631,6 +654,8 @@ def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
     recipe as it is. Each carries `sets` (the --set lines that apply it)."""
     r = est.recipe
     groups = _change_groups(r, est.strategy, est.world_size)
+    if est.arch.probe is not None:
+        _prefetch_changes(r, est.arch, groups)
     memo = Memo()
     spent = 0
     fitting: list[tuple[frozenset[str], dict[str, Any]]] = []
