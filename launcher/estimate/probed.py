@@ -205,7 +205,7 @@ def _block(name: str, params: list[dict], prefix: str, linears: dict[str, dict],
         shapes[rel] = tuple(p["shape"])
         modules[rel] = module_numel.get(p["module"], numel)
         lin = linears.get(p["module"])
-        if lin is not None:
+        if lin is not None and lin.get("weight_owned", True):
             short = lin["name"][len(prefix):]
             if not any(l.name == short for l in lins):
                 lins.append(Linear(short, lin["in"], lin["out"], lin["bias"], lin["conv1d"]))

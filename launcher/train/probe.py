@@ -135,8 +135,11 @@ def inventory_of(model: nn.Module, cfg) -> dict[str, Any]:
     for name, mod in model.named_modules():
         dims = _linear_dims(mod)
         if dims:
+            bias = getattr(mod, "bias", None)
             linears.append({"name": name, "in": int(dims[0]), "out": int(dims[1]),
-                            "bias": getattr(mod, "bias", None) is not None, "conv1d": isinstance(mod, Conv1D)})
+                            # a weight or bias tied to another module's is counted there
+                            "weight_owned": owner.get(id(mod.weight)) == name,
+                            "bias": bias is not None and owner.get(id(bias)) == name, "conv1d": isinstance(mod, Conv1D)})
     buffers, bseen = 0, set()
     for _, b in model.named_buffers():
         if id(b) not in bseen:
