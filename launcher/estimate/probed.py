@@ -385,7 +385,8 @@ def variant(arch: Arch, params: ParamPlan, recipe: Recipe) -> tuple[str, dict]:
     if recipe.method in ("lora", "qlora"):
         modules = {p["module"].rsplit(".", 1)[-1] for p in inv["params"]}
         save = [m for m in modules_to_save(arch, recipe) if m.rsplit(".", 1)[-1] in modules]
-        from_recipe.update(lora_r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+        # numbers as JSON gives them back (a recipe's 32 and its dump's 32.0 are one variant)
+        from_recipe.update(lora_r=int(recipe.lora.r), lora_alpha=float(recipe.lora.alpha), lora_dropout=float(recipe.lora.dropout),
                            lora_targets=peft_target_modules(params), modules_to_save=save)
     elif recipe.method == "freeze":
         groups = _split(inv, arch.head)
