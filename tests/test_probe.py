@@ -240,3 +240,34 @@ def test_unbuildable_config_is_one_clear_error(tmp_path):
                           "--set", f"model={tmp_path / 'm'}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "gemma3_text" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mt", ["gemma3_text", "gpt_neox", "falcon", "opt", "starcoder2"])
+def test_peak_of_a_probed_step_matches_live_bytes(mt, monkeypatch):
+    """The phase peak of a real CPU step (tests/live_bytes.py LiveBytes: forward, backward, AdamW step)
+    against the estimate's phases for a probed architecture, LoRA on the full logits (DAPT), within the
+    analytic families' tolerance."""
+    import live_bytes as lb
+    from test_activations import TOL_PEAK, predicted_phases
+
+    cfg = tiny_config(mt, layers=4)
+    r = recipe("lora", b=2, s=128)
+    arch, ans = probed_arch(cfg, [r])
+    monkeypatch.setattr(probed, "_load", lambda *a, **k: ("", ans))
+    params = plan_params(arch, r)
+    pred = activation_bytes(arch, params, r, device="cpu")
+    d = dict(cfg)
+    d.pop("model_type")
+    _, v = probed.variant(arch, params, r)
+    setup = lb.build(AutoConfig.for_model(mt, **d), method="lora", precision="bf16", attn=probe.PROBE_ATTENTION,
+                     micro_batch=2, seq=128, lora_dropout=0.0, targets=v["lora_targets"])
+    weights, grads = lb.param_bytes(setup.model), lb.grad_bytes(setup.model)
+    trace = lb.measure_step(setup, layer_phases=True)
+    opt_states = sum(t.numel() * t.element_size() for st in trace.optimizer.state.values()
+                     for t in st.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    phases = predicted_phases(pred, weights, grads, opt_states, grads)
+    ratio = max(phases.values()) / trace.peak
+    print(f"{mt}: predicted peak {max(phases.values())} ({max(phases, key=phases.get)}), measured {trace.peak} "
+          f"({trace.peak_phase}), ratio {ratio:.3f}")
+    assert abs(ratio - 1) <= TOL_PEAK, (mt, phases, trace.peak, dict(trace.phase_peaks))
