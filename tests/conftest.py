@@ -20,6 +20,9 @@ for _k in ("RUNPOD_API_KEY", "LAMBDA_API_KEY", "HF_TOKEN"):
     os.environ.pop(_k, None)
 os.environ["FTL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="ftl-test-config.")
 atexit.register(shutil.rmtree, os.environ["FTL_CONFIG_DIR"], True)
+# ...nor write into the developer's cache (config.json copies, probed inventories, live prices)
+os.environ["FTL_CACHE"] = tempfile.mkdtemp(prefix="ftl-test-cache.")
+atexit.register(shutil.rmtree, os.environ["FTL_CACHE"], True)
 os.environ.setdefault("FTL_RUNPOD_API_URL", "http://127.0.0.1:9")
 os.environ.setdefault("FTL_LAMBDA_API_URL", "http://127.0.0.1:9")
 
