@@ -271,3 +271,27 @@ def test_peak_of_a_probed_step_matches_live_bytes(mt, monkeypatch):
     print(f"{mt}: predicted peak {max(phases.values())} ({max(phases, key=phases.get)}), measured {trace.peak} "
           f"({trace.peak_phase}), ratio {ratio:.3f}")
     assert abs(ratio - 1) <= TOL_PEAK, (mt, phases, trace.peak, dict(trace.phase_peaks))
+
+
+@pytest.mark.parametrize("mt", ["roberta", "xlm-roberta", "modernbert", "electra", "qwen3", "gemma3_text"])
+def test_classification_activations_match_a_real_cpu_step(mt):
+    """Sequence classification (item 4): the encoders people fine-tune for it and decoders with a score
+    head; the whole model's saved bytes, head and loss included, against a real CPU step (LoRA)."""
+    cfg = tiny_config(mt)
+    length = probed.probe_shapes(cfg)[0][1]
+    r = recipe("lora", s=4 * length, head="seq_cls")
+    arch, ans = probed_arch(cfg, [r], head="seq_cls")
+    params = plan_params(arch, r)
+    key, _ = probed.variant(arch, params, r)
+    runs = ans["measurements"][key]["runs"]
+    b, s = r.train.micro_batch_size, r.data.max_seq_len
+    predicted = sum(probed.fit(runs, lambda x, i=i: x["saved"][i]).at(b, s) for i in range(arch.layers))
+    predicted += probed.fit(runs, lambda x: x["outside"]["saved"]).at(b, s)
+    model, _, cd = build_real(cfg, arch, params, r, head="seq_cls")
+    ids = torch.randint(0, arch.vocab, (b, s))
+    st = SavedTensors(model=model)
+    with torch.autocast("cpu", dtype=cd), st():
+        loss = model(input_ids=ids, labels=torch.zeros(b, dtype=torch.long)).loss
+    real = st.activations
+    del loss
+    assert abs(predicted - real) <= ACT_TOLERANCE * real, (mt, predicted, real)
