@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape
 from rich.table import Table
 
@@ -40,8 +41,32 @@ from launcher.cli.views import (fail, launch_summary, console, err_console, gib,
 # an architecture without an analytic builder is probed once (seconds): say so while it runs
 probed.on_probe = lambda line: err_console.print(f"[dim]{escape(line)}[/dim]")
 
+class _OneLineErrors(TyperGroup):
+    """A bad flag value, an unknown option or a missing argument reads as one line, like every other ftl
+    error (`error: ...`, exit 2), instead of a usage panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            err_console.print("aborted")
+            sys.exit(1)
+        except typer.TyperException as e:  # typer's (vendored click's) usage errors
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()  # type: ignore[attr-defined]  # `ftl` alone prints the help
+                sys.exit(e.exit_code)  # type: ignore[attr-defined]
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{hint}", highlight=False, soft_wrap=True)  # type: ignore[attr-defined]
+            sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="ftl",
+    cls=_OneLineErrors,
     help="Fine-tuning launcher: know whether a fine-tune fits, how long it takes and what it costs, then run it.",
     no_args_is_help=True,
     add_completion=False,
