@@ -31,37 +31,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from launcher.train.probe import is_param_cast as _is_param_cast  # the probe's rule, one copy
+
 # ---------------------------------------------------------------------------------------------
 # Saved tensors
-
-# autograd nodes that only re-view their input: walked through to find a cast of a parameter
-_VIEW_NODES = {
-    "TBackward0",
-    "ViewBackward0",
-    "TransposeBackward0",
-    "PermuteBackward0",
-    "ExpandBackward0",
-    "UnsafeViewBackward0",
-    "ReshapeAliasBackward0",
-    "AsStridedBackward0",
-    "UnsqueezeBackward0",
-    "SqueezeBackward0",
-    "SqueezeBackward1",
-    "AliasBackward0",
-}
-
-
-def _is_param_cast(t: torch.Tensor) -> bool:
-    """True when `t` is (a view of) an autocast copy of a trainable leaf (a parameter)."""
-    node = t.grad_fn
-    while node is not None and type(node).__name__ in _VIEW_NODES:
-        nxt = [n for n, _ in node.next_functions if n is not None]
-        node = nxt[0] if nxt else None
-    if node is None or type(node).__name__ != "ToCopyBackward0":
-        return False
-    nxt = [n for n, _ in node.next_functions if n is not None]
-    return bool(nxt) and type(nxt[0]).__name__ == "AccumulateGrad"
-
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     if t.layout != torch.strided or t.device.type == "meta":

@@ -660,7 +660,7 @@ def report_cmd(
     t.add_row("cost", money(p["cost_usd"]), money(a["cost_usd"]), num(r["cost"], "{:.2f}×"))
     console.print(t)
     if d["device"] != "cuda":
-        console.print(f"[dim]on the CPU: no GPU-hours and no time prediction (the estimate models GPUs only)[/]")
+        console.print("[dim]on the CPU: no GPU-hours and no time prediction (the estimate models GPUs only)[/]")
 
 
 @app.command("plan")

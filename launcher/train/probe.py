@@ -227,7 +227,7 @@ _VIEWS = {"TBackward0", "ViewBackward0", "TransposeBackward0", "PermuteBackward0
           "SqueezeBackward1", "AliasBackward0"}
 
 
-def _is_param_cast(t: torch.Tensor) -> bool:
+def is_param_cast(t: torch.Tensor) -> bool:
     """A (view of an) autocast copy of a trainable parameter: kept once per weight, not per token."""
     node = t.grad_fn
     while node is not None and type(node).__name__ in _VIEWS:
@@ -379,7 +379,7 @@ def _steps(request: dict[str, Any], inv: dict[str, Any], v: dict[str, Any], laye
         key = storage._cdata
         if key in param_keys or key in st["saved"] or storage.nbytes() == 0:
             return t
-        copy = _is_param_cast(t) or (t.grad_fn is None and t.dtype in (torch.bfloat16, torch.float16)
+        copy = is_param_cast(t) or (t.grad_fn is None and t.dtype in (torch.bfloat16, torch.float16)
                                      and (tuple(t.shape) in frozen32 or tuple(t.shape)[::-1] in frozen32))
         st["saved"][key] = (st["where"], "weight_copy" if copy else "activation", storage.nbytes())
         return t
