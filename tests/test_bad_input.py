@@ -182,3 +182,41 @@ def test_json_at_the_bounds_parses_everywhere():
         with pytest.raises(RecipeError) as e:
             recipe_from_dict({**raw, **change})
         assert e.value.field == field, str(e.value)
+
+
+@pytest.mark.parametrize("value,ok", [("2e-4", True), ("1.0e-5", True), (".5e-3", True), ("0.001", True),
+                                      ("'2e-4'", False), ('"0.001"', False), ("'8'", False)])
+def test_numbers_in_exponent_notation_read_and_quoted_numbers_are_refused(tmp_path, value, ok):
+    """YAML 1.2 numbers (2e-4: PyYAML's YAML 1.1 reads it as a string) are numbers; a quoted number where a
+    number goes is refused with the fix."""
+    p = tmp_path / "r.yaml"
+    key = "micro_batch_size" if value.strip("'\"") == "8" else "lr"
+    p.write_text(GOOD + f"train: {{{key}: {value}}}\n")
+    if ok:
+        assert isinstance(load_recipe(p).train.lr, float)
+        return
+    e = _load(tmp_path, GOOD + f"train: {{{key}: {value}}}\n")
+    assert e.field == f"train.{key}" and "written as a string" in e.fix and "without quotes" in e.fix
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    with pytest.raises(RecipeError, match="without quotes") as e:
+        load_recipe(good, sets=[f"train.{key}={value}"])
+    assert e.value.field == f"train.{key}"
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--budget", "-1"], "--budget -1.0: give a positive, finite amount"),
+    (["--budget", "inf"], "--budget inf"),
+    (["--deadline", "abc"], "--deadline 'abc'"),
+    (["--deadline", "9999999999999999d"], "is not a deadline"),
+])
+def test_launch_dry_run_checks_the_rental_caps(flags, words):
+    """launch --dry-run refuses a budget or deadline a real launch would refuse, before anything."""
+    from typer.testing import CliRunner
+
+    from launcher.cli.commands import app
+
+    root = Path(__file__).resolve().parent.parent
+    res = CliRunner().invoke(app, ["launch", str(root / "recipes" / "llama3-8b-qlora.yaml"), "--cluster",
+                                   str(root / "cluster" / "runpod-8xh100.yaml"), "--dry-run", *flags])
+    assert res.exit_code == 2 and words in res.stderr and "dry run" not in res.stdout, res.stderr

@@ -26,6 +26,7 @@ from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
 from launcher.estimate import probed
 from launcher.estimate.arch import arch_from_config
+from launcher.estimate.search import check_caps
 from launcher.estimate.search import estimate as run_estimate
 from launcher.estimate.search import plan as run_plan
 from launcher.launch import expected, prepare_launch, prepare_resume, render_files, run_status, write_run
@@ -196,6 +197,10 @@ def launch(
                 raise FtlError("give a recipe (ftl launch recipes/smoke.yaml) or --resume RUN")
             r = load_recipe(recipe, sets=sets, cluster=cluster, gpus_per_node=gpus_per_node, nodes=nodes)
             p = prepare_launch(r, force=force)
+        # the caps are checked before anything runs, dry runs included
+        check_caps(budget, parse_duration(deadline) if deadline else None)
+        if (budget is not None or deadline is not None) and p.recipe.cluster.provider not in RENTED:
+            raise FtlError("--budget and --deadline guard rented GPUs (a runpod or lambda cluster profile)")
         render_files(p)
         if dry_run:
             if as_json:
@@ -218,8 +223,6 @@ def launch(
                 err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
         if p.recipe.cluster.provider in RENTED:
             _confirm_rental(p, backend, yes, budget, deadline)
-        elif budget is not None or deadline is not None:
-            raise FtlError("--budget and --deadline guard rented GPUs (a runpod or lambda cluster profile)")
         run = write_run(p)
         if not as_json:
             verb = f"resuming {run.id} from {p.resume_from.name}" if p.resume_from else f"run {run.id}"

@@ -87,6 +87,12 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:bool", _Loader.construct_yaml_bool)
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_constructor("tag:yaml.org,2002:float", _Loader.construct_yaml_float)
+# YAML 1.1 (PyYAML) reads 2e-4 and 1.0e5 -- no dot, or no sign in the exponent -- as strings; YAML 1.2 and
+# every user read them as numbers. An unquoted scalar of that form is a float here, so that a quoted
+# number is the only number-as-string left (and is refused where a number goes, with a hint).
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _check_size(root: yaml.Node) -> None:

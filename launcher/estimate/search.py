@@ -443,6 +443,14 @@ def _closest_message(fitting: list[Candidate], budget: float | None, deadline: f
             f" ({', '.join(over)}). Raise the limit, allow more GPUs or profiles, or try --allow-method qlora.")
 
 
+def check_caps(budget_usd: float | None, deadline_s: float | None) -> None:
+    """--budget and --deadline as plan and launch take them: positive, finite, a deadline up to ten years."""
+    if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd > 0):
+        raise FtlError(f"--budget {budget_usd}: give a positive, finite amount of USD")
+    if deadline_s is not None and not (math.isfinite(deadline_s) and 0 < deadline_s <= 366 * 86400 * 10):
+        raise FtlError(f"--deadline: {deadline_s:g} s is not a deadline; give one up to ten years, e.g. 6h or 3d")
+
+
 def plan(
     recipe: Recipe,
     clusters: Sequence[Cluster],
@@ -462,10 +470,7 @@ def plan(
     """The fastest (objective="time") or cheapest ("cost") candidate that fits and meets budget and deadline."""
     if objective not in ("time", "cost"):
         raise FtlError(f"--objective {objective!r}: choose time or cost")
-    if budget_usd is not None and not (math.isfinite(budget_usd) and budget_usd > 0):
-        raise FtlError(f"--budget {budget_usd}: give a positive, finite amount of USD")
-    if deadline_s is not None and not (math.isfinite(deadline_s) and 0 < deadline_s <= 366 * 86400 * 10):
-        raise FtlError(f"--deadline: {deadline_s:g} s is not a deadline; give one up to ten years, e.g. 6h or 3d")
+    check_caps(budget_usd, deadline_s)
     if budget_usd is None and recipe.budget.max_cost_usd is not None:
         budget_usd = recipe.budget.max_cost_usd
     if deadline_s is None and recipe.budget.max_hours is not None:

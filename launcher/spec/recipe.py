@@ -8,6 +8,8 @@ override the profile; `--set cluster.gpus_per_node=8` writes into that mapping.
 from __future__ import annotations
 
 import datetime as dt
+import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
@@ -76,6 +78,11 @@ def path_text(v: str | None) -> str | None:
     return v
 
 
+# a finite number in plain notation: unquoted in YAML it reads as a number (launcher/core/useryaml.py), so
+# as a string it was quoted
+_QUOTED_NUMBER = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?")
+
+
 class _Strict(BaseModel):
     # finite floats only: inf and nan (also as 'inf', '.inf', '1e400') are never a learning rate, a budget or a price
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
@@ -83,11 +90,15 @@ class _Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _plain_numbers(cls, v: Any, info: Any) -> Any:
-        """No booleans where a number goes (`micro_batch_size: true` is not 1), no integer beyond int64."""
+        """No booleans where a number goes (`micro_batch_size: true` is not 1), no number written as a string
+        (`lr: "0.001"`: a typo in YAML more often than not), no integer beyond int64."""
+        ann = cls.model_fields[info.field_name].annotation
         if isinstance(v, bool):
-            ann = cls.model_fields[info.field_name].annotation
             if ann is not bool and bool not in get_args(ann) and ann not in (Any,):
                 raise ValueError("a boolean where this key takes a value of another type: write the value itself")
+        elif (isinstance(v, str) and _QUOTED_NUMBER.fullmatch(v.strip()) and math.isfinite(float(v.replace("_", "")))
+              and (ann in (int, float) or (get_args(ann) and set(get_args(ann)) <= {int, float, type(None)}))):
+            raise ValueError(f"a number written as a string ({v[:40]!r}): write it without quotes")
         elif isinstance(v, int) and abs(v) > INT64_MAX:
             raise ValueError(f"an integer of {len(str(abs(v)))} digits: beyond what any count here can be")
         return v
