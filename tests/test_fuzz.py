@@ -2,8 +2,9 @@
 
 Shipped recipes and profiles with one or two keys replaced by hostile values (huge and non-finite
 numbers, booleans, strings that look like numbers or paths, nested containers, unknown keys), and
-command lines with hostile --set / --budget / --deadline / --top / --nodes values, through `ftl
-estimate --json` and `ftl plan --json` in-process (typer's CliRunner). Every input must end in exit 0
+cluster profiles likewise (through estimate and a launch dry run), and command lines with hostile
+--set / --budget / --deadline / --top / --max-gpus values, through `ftl estimate --json` and `ftl plan
+--json` in-process (typer's CliRunner). Every input must end in exit 0
 with JSON that parses everywhere (no NaN or Infinity, integers within int64) or in exit 2 with one
 line that names the file or flag and the key; never a traceback, never a hang, never a file written
 (catalog models only: the fuzz cannot reach a first-time architecture probe). The time bounds guard
@@ -95,17 +96,23 @@ def _no_probe(monkeypatch):
     monkeypatch.setattr(probed, "_run_probe", refuse)
 
 
+def _listing(where: Path) -> list[str]:
+    return sorted(p.name for p in where.iterdir()) if where.is_dir() else []
+
+
 def _check(runner: CliRunner, args: list[str], where: Path, names: list[str]) -> None:
-    before = sorted(p.name for p in where.iterdir())
+    runs = Path.cwd() / "runs"  # where a launch would put its run directory (a dry run writes nothing)
+    before, runs_before = _listing(where), _listing(runs)
     t0 = time.perf_counter()
     res = runner.invoke(app, args, catch_exceptions=True)
     took = time.perf_counter() - t0
-    after = sorted(p.name for p in where.iterdir())
+    after = _listing(where)
     assert before == after, f"{args}: wrote {set(after) - set(before)}"
+    assert runs_before == _listing(runs), f"{args}: wrote a run directory"
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise AssertionError(f"{args}: {type(res.exception).__name__}: {res.exception}") from res.exception
     assert res.exit_code in (0, 2), (args, res.exit_code, res.output[-500:])
-    assert took < HANG_S[args[0]], (args, took)
+    assert took < HANG_S.get(args[0], 10.0), (args, took)
     if res.exit_code == 0:
         _json_ok(json.loads(res.stdout))
         return
@@ -175,3 +182,25 @@ def test_usage_errors_are_one_line(runner, args, words):
     assert res.exit_code == 2
     err = res.stderr.strip()
     assert err.startswith("error:") and words in err and "--help" in err and len(err.splitlines()) == 1, err
+
+
+@FUZZ
+@given(profile=st.sampled_from(sorted(p.name for p in (ROOT / "cluster").glob("*.yaml"))), data=st.data())
+def test_mutated_profiles(runner, tmp_path_factory, profile, data):
+    """Cluster profiles with one or two keys replaced (or added) through estimate --cluster and a launch dry
+    run: the profile file is named in every error."""
+    raw = yaml.safe_load((ROOT / "cluster" / profile).read_text())
+    keys = sorted(raw) + ["gpu", "nodes", "gpus_per_node", "price_per_gpu_hour", "inter_node_bandwidth_gbps",
+                          "provider", "hosts", "budget", "sbatch_options", "unknown_key"]
+    chosen = data.draw(st.lists(st.sampled_from(keys), min_size=1, max_size=2, unique=True))
+    for k in chosen:
+        raw[k] = data.draw(HOSTILE)
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True).replace("\x00", "\\0"), encoding="utf-8")
+    names = [str(path), path.name, "--cluster"] + chosen
+    command = data.draw(st.sampled_from(["estimate", "launch"]))
+    args = [command, str(ROOT / "recipes" / "llama3-8b-qlora.yaml"), "--cluster", str(path), "--json"]
+    if command == "launch":
+        args.append("--dry-run")
+    _check(runner, args, folder, names)
