@@ -144,8 +144,8 @@ def test_activations_match_a_real_cpu_step(mt):
         key, _ = probed.variant(arch, params, r)
         runs = ans["measurements"][key]["runs"]
         b, s = r.train.micro_batch_size, r.data.max_seq_len
-        predicted = sum(probed.fit(runs, lambda x, i=i: x["saved"][i]).at(b, s) for i in range(arch.layers))
-        predicted += probed.fit(runs, lambda x: x["outside"]["saved"]).at(b, s)
+        per_layer, outside = probed.saved_at(runs, b, s)
+        predicted = sum(per_layer) + outside
         real = _real_body_saved(cfg, arch, params, r)
         assert abs(predicted - real) <= ACT_TOLERANCE * real, (mt, r.method, predicted, real)
 
@@ -285,8 +285,8 @@ def test_classification_activations_match_a_real_cpu_step(mt):
     key, _ = probed.variant(arch, params, r)
     runs = ans["measurements"][key]["runs"]
     b, s = r.train.micro_batch_size, r.data.max_seq_len
-    predicted = sum(probed.fit(runs, lambda x, i=i: x["saved"][i]).at(b, s) for i in range(arch.layers))
-    predicted += probed.fit(runs, lambda x: x["outside"]["saved"]).at(b, s)
+    per_layer, outside = probed.saved_at(runs, b, s)
+    predicted = sum(per_layer) + outside
     model, _, cd = build_real(cfg, arch, params, r, head="seq_cls")
     ids = torch.randint(0, arch.vocab, (b, s))
     st = SavedTensors(model=model)

@@ -36,7 +36,7 @@ from launcher.cloud.base import AuthError, ProviderError
 from launcher.cloud.credentials import api_key
 from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
-from launcher.spec.catalog import CATALOG_DIR, find_gpu, gpu_key, provider_facts
+from launcher.spec.catalog import CATALOG_DIR, cache_root, find_gpu, gpu_key, provider_facts
 from launcher.spec.recipe import PRICE_STALE_DAYS, RENTED
 
 STALE_DAYS = PRICE_STALE_DAYS
@@ -99,8 +99,7 @@ def shipped() -> list[Price]:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("FTL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "ftl")
-    return Path(root) / "prices.json"
+    return cache_root() / "prices.json"
 
 
 def load_cache() -> dict[str, Any]:

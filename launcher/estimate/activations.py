@@ -853,8 +853,7 @@ def _probed_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device)
     tokens = b * s
     runs = probed.measured_runs(arch, params, recipe)
     r0 = runs[0]
-    per_layer = [probed.fit(runs, lambda r: r["saved"][i]).at(b, s) for i in range(len(r0["saved"]))]
-    outside = probed.fit(runs, lambda r: r["outside"]["saved"]).at(b, s)
+    per_layer, outside = probed.saved_at(runs, b, s)
     precision = recipe.train.precision
     pure = precision == "bf16-pure"
     autocast = precision not in ("fp32", "bf16-pure")

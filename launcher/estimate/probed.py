@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -30,6 +31,7 @@ from launcher.core.errors import FtlError
 from launcher.core.files import read_json, write_json
 from launcher.estimate.arch import Arch, Block, Head, Linear, dropout_from_config
 from launcher.estimate.params import ParamPlan, modules_to_save, peft_target_modules, plan_params
+from launcher.spec.catalog import cache_root
 from launcher.spec.recipe import Recipe
 
 PROBE_TIMEOUT_S = 600
@@ -51,8 +53,7 @@ class ProbeError(FtlError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FTL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "ftl")
-    return Path(root) / "inventories"
+    return cache_root() / "inventories"
 
 
 @dataclass(frozen=True)
@@ -181,15 +182,10 @@ def _split(inv: dict, head: Head) -> dict[str, list[dict]]:
     return groups
 
 
-def _block(name: str, params: list[dict], prefix: str, linears: dict[str, dict], inv: dict, count: int = 1,
-           indices: tuple[int, ...] = ()) -> Block:
-    """One estimator Block from parameters whose names start with `prefix`."""
-    module_numel: dict[str, int] = {}
-    for p in inv["params"]:
-        n = 1
-        for d in p["shape"]:
-            n *= d
-        module_numel[p["module"]] = module_numel.get(p["module"], 0) + n
+def _block(name: str, params: list[dict], prefix: str, linears: dict[str, dict], inv: dict,
+           module_numel: dict[str, int], count: int = 1, indices: tuple[int, ...] = ()) -> Block:
+    """One estimator Block from parameters whose names start with `prefix` (`module_numel`: the
+    parameters of each module, which ZeRO-3 gathers together)."""
     lins: list[Linear] = []
     other: dict[str, int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -197,9 +193,7 @@ def _block(name: str, params: list[dict], prefix: str, linears: dict[str, dict],
     expert = 0
     for p in params:
         rel = p["name"][len(prefix):]
-        numel = 1
-        for d in p["shape"]:
-            numel *= d
+        numel = math.prod(p["shape"])
         if name == "embeddings" and p["module"] == inv.get("input_embedding"):
             rel = "embed_tokens"
         shapes[rel] = tuple(p["shape"])
@@ -223,18 +217,21 @@ def arch_from_inventory(answer: dict, cfg: dict, head: Head, num_labels: int, pa
     groups = _split(inv, head)
     lpath = inv["layers"]["path"] + "." if inv["layers"] else ""
     n_layers = inv["layers"]["count"] if inv["layers"] else 0
+    module_numel: dict[str, int] = {}
+    for p in inv["params"]:
+        module_numel[p["module"]] = module_numel.get(p["module"], 0) + math.prod(p["shape"])
     # layers grouped by what they hold (names and shapes); each kind is one Block over its indices
     kinds: dict[tuple, list[int]] = {}
     for i in range(n_layers):
         sig = tuple((p["name"][len(f"{lpath}{i}."):], tuple(p["shape"])) for p in groups.get(f"layer.{i}", []))
         kinds.setdefault(sig, []).append(i)
-    blocks = [_block("embeddings", groups["embeddings"], "", linears, inv)]
+    blocks = [_block("embeddings", groups["embeddings"], "", linears, inv, module_numel)]
     for idx in kinds.values():
         first = idx[0]
         blocks.append(_block("layer", groups.get(f"layer.{first}", []), f"{lpath}{first}.", linears, inv,
-                             count=len(idx), indices=tuple(idx)))
-    blocks.append(_block("final", groups["final"], "", linears, inv))
-    blocks.append(_block("head", groups["head"], "", linears, inv))
+                             module_numel, count=len(idx), indices=tuple(idx)))
+    blocks.append(_block("final", groups["final"], "", linears, inv, module_numel))
+    blocks.append(_block("head", groups["head"], "", linears, inv, module_numel))
     emb = blocks[0].shapes.get("embed_tokens", (0, 0))
     vocab = int(emb[0]) if emb else int(_cfg(cfg, "vocab_size", default=0))
     hidden = int(emb[1]) if len(emb) > 1 else int(_cfg(cfg, "hidden_size", "n_embd", "d_model", "dim", default=0))
@@ -371,6 +368,13 @@ def fit(runs: list[dict], get: Callable[[dict], float], batch: bool = True, shap
     lin, quad = _line(p1, p2, s1, s2, True)
     shared, const = _line(y11 - p1, y12 - p2, s1, s2, False)
     return Fit(lin, quad, shared, const)
+
+
+def saved_at(runs: list[dict], b: int, s: int) -> tuple[list[float], float]:
+    """(per layer, outside the layers) bytes the body saves for b sequences of s tokens, fitted from the
+    probe's runs; outside: embeddings and final norm (with the head and loss for classification)."""
+    per_layer = [fit(runs, lambda r, i=i: r["saved"][i]).at(b, s) for i in range(len(runs[0]["saved"]))]
+    return per_layer, fit(runs, lambda r: r["outside"]["saved"]).at(b, s)
 
 
 def variant(arch: Arch, params: ParamPlan, recipe: Recipe) -> tuple[str, dict]:

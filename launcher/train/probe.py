@@ -279,7 +279,7 @@ def _decoder(model: nn.Module) -> nn.Module:
     return model.get_decoder()
 
 
-def _apply_method(model: nn.Module, inv: dict[str, Any], v: dict[str, Any]) -> nn.Module:
+def _apply_method(model: nn.Module, v: dict[str, Any]) -> nn.Module:
     method = v["method"]
     if method == "full":
         return model
@@ -345,7 +345,7 @@ def _steps(request: dict[str, Any], inv: dict[str, Any], v: dict[str, Any], laye
             if p.dim() >= 3 and ROUTED.search(name) and p.dtype != cd:
                 p.data = p.data.to(cd)
         body = model if head == "seq_cls" else _decoder(model)
-        model = _apply_method(model, inv, v)
+        model = _apply_method(model, v)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     _to_fake(model, mode)
     n = len(layer_mods)

@@ -72,9 +72,14 @@ class UnknownModel(FtlError):
     pass
 
 
+def cache_root() -> Path:
+    """ftl's per-user cache: $FTL_CACHE, else $XDG_CACHE_HOME/ftl (an empty value counts as unset, as the
+    XDG spec says), else ~/.cache/ftl. Hub configs, probed inventories and live prices live under it."""
+    return Path(os.environ.get("FTL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "ftl"))
+
+
 def config_cache_dir() -> Path:
-    root = os.environ.get("FTL_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "ftl")
-    return Path(root) / "configs"
+    return cache_root() / "configs"
 
 
 def _offline() -> bool:
