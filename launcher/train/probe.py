@@ -377,11 +377,15 @@ def _steps(request: dict[str, Any], inv: dict[str, Any], v: dict[str, Any], laye
             return t
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in param_keys or key in st["saved"] or storage.nbytes() == 0:
+        if key in param_keys or storage.nbytes() == 0:
             return t
-        copy = is_param_cast(t) or (t.grad_fn is None and t.dtype in (torch.bfloat16, torch.float16)
-                                     and (tuple(t.shape) in frozen32 or tuple(t.shape)[::-1] in frozen32))
-        st["saved"][key] = (st["where"], "weight_copy" if copy else "activation", storage.nbytes())
+        saved = st["saved"]
+        if key not in saved:
+            copy = is_param_cast(t) or (t.grad_fn is None and t.dtype in (torch.bfloat16, torch.float16)
+                                        and (tuple(t.shape) in frozen32 or tuple(t.shape)[::-1] in frozen32))
+            # the record holds the tensor until the step is counted: a storage freed on the way (a graph
+            # dropped) would otherwise leave its address to a later one, which dedup would then skip
+            saved[key] = (st["where"], "weight_copy" if copy else "activation", storage.nbytes(), t)
         return t
 
     runs = []
@@ -442,7 +446,7 @@ def _step(model, body, head, vocab, b, s, backward, autocast, cd, n, st, counted
             bwd += int(2.5 * sum(attn_f))
     layers, copies = [0] * n, [0] * n
     outside = outside_copies = 0
-    for idx, kind, nbytes in st["saved"].values():
+    for idx, kind, nbytes, _ in st["saved"].values():
         if idx >= 0:
             (copies if kind == "weight_copy" else layers)[idx] += nbytes
         elif kind == "weight_copy":
