@@ -68,6 +68,10 @@ def check_cpu(recipe: Any) -> list[str]:
     if recipe.train.attn_implementation == "flash_attention_2":
         raise FtlError("train.attn_implementation = 'flash_attention_2': FlashAttention needs a GPU; "
                        "use --set train.attn_implementation=sdpa")
+    if recipe.train.cross_entropy == "fused":
+        raise FtlError("train.cross_entropy = 'fused': Liger Kernel's fused linear cross-entropy runs Triton kernels "
+                       "on CUDA (no GPU here, the run would be on the CPU); use --set train.cross_entropy=chunked, "
+                       "which keeps no full logits either")
     cores = available_cores()
     if recipe.cluster.gpus_per_node > cores and recipe.cluster.provider == "local":
         return [f"{recipe.cluster.gpus_per_node} CPU processes on {cores} cores: expect it to be slow"]

@@ -393,3 +393,37 @@ def test_trl_head_never_holds_tokens_by_vocab(tmp_path: Path):
     assert big_vocab.logits == sft.logits  # a LoRA run: the frozen head's size does not enter
     # the tile buffer (2047 rows x 32768 bf16: fewer than 4096 rows) and the fp32 input gradient dominate
     assert 2047 * 32768 * 2 + 4 * 2047 * 4096 <= sft.logits < 1.2 * (2047 * 32768 * 2 + 4 * 2047 * 4096)
+
+
+def test_liger_fused_cross_entropy_as_its_source_says(tmp_path: Path):
+    """train.cross_entropy fused (Liger's fused linear cross-entropy, DAPT): no loss buffers for the backward,
+    one chunk of about tokens x hidden logits in the forward (Liger's own example: BT = 4 x 4096, V = 32000,
+    H = 4096 gives chunks of 2048 rows), grad_input kept (tokens x hidden), grad_weight only when the head trains."""
+    cfg = _llama_cfg(vocab_size=32000)
+    lora = _predict(tmp_path, cfg, cross_entropy="fused", micro_batch_size=4, seq=4096)
+    std = _predict(tmp_path, cfg, micro_batch_size=4, seq=4096)
+    bt, h, v = 4 * 4096, 4096, 32000
+    assert lora.logits == 0 < std.logits
+    # bf16 logits of one 2048-row chunk, its product with the weight, the fp32 per-token loss
+    assert lora.detail["logits (forward peak)"] == 2048 * v * 2 + 2048 * h * 2 + 4 * bt
+    assert lora.detail["loss"] == bt * h * 2  # grad_input in the LoRA base's bf16
+    full = _predict(tmp_path, cfg, cross_entropy="fused", method="full", micro_batch_size=4, seq=4096)
+    # full mixed precision: an fp32 residual stream, so an fp32 grad_input, and the fp32 grad_weight; the
+    # forward also holds autocast's bf16 copy of the fp32 head weight
+    assert full.detail["loss"] == bt * h * 4 + v * h * 4
+    assert full.detail["logits (forward peak)"] == 2048 * v * 2 + 2048 * h * 4 + 4 * bt + v * h * 2
+
+
+def test_offloading_moves_saved_bytes_to_the_host(tmp_path: Path):
+    """train.activation_offloading: what moves is the saved set but the head's own saves; on CUDA a storage
+    saved twice stays (TRL's streamed dedup), so CUDA moves no more than the CPU pool."""
+    cfg = _llama_cfg()
+    for kw in ({}, {"gradient_checkpointing": True}, {"method": "full"}):
+        plain = _predict(tmp_path, cfg, **kw)
+        off = _predict(tmp_path, cfg, activation_offloading=True, **kw)
+        cpu = _predict(tmp_path, cfg, "cpu", activation_offloading=True, **kw)
+        assert plain.offloaded == 0 and off.saved == plain.saved  # the total saved is the same
+        assert 0 < off.offloaded <= cpu.offloaded
+        moved = off.detail["offloaded saved"]
+        assert 0.9 * plain.saved < moved <= plain.saved
+        assert off.detail["offloaded loss saved"] == plain.detail["loss saved (log-softmax)"]

@@ -148,6 +148,10 @@ def _cache(tmp_path, monkeypatch):
     ({"train": {"precision": "bf16-pure"}, "method": "qlora", "quantization": {"compute_dtype": "fp16"}},
      "quantization.compute_dtype", "fp16"),
     ({"method": "qlora", "quantization": {"bits": 8}}, "quantization.bits", 8),
+    # Liger's fused linear cross-entropy: DAPT only (TRL's SFT and DPO trainers score tokens themselves)
+    ({"task": "sft", "train": {"cross_entropy": "fused"}}, "train.cross_entropy", "fused"),
+    ({"task": "dpo", "train": {"cross_entropy": "fused"}}, "train.cross_entropy", "fused"),
+    ({"task": "classification", "train": {"cross_entropy": "chunked"}}, "train.cross_entropy", "chunked"),
 ])
 def test_conflicting_keys_name_the_field_value_and_fix(tmp_path, sets, field, value):
     p = tmp_path / "r.yaml"
@@ -157,3 +161,18 @@ def test_conflicting_keys_name_the_field_value_and_fix(tmp_path, sets, field, va
     e = ei.value
     assert e.file == str(p) and e.field == field and e.value == value
     assert "{" not in str(e)  # the field's value, not the whole recipe
+
+
+def test_fused_cross_entropy_on_the_cpu_is_refused_with_chunked(tmp_path):
+    """A fused-loss DAPT recipe validates (it is estimated for GPUs) but a CPU world refuses it before anything
+    starts, naming the key and the fix."""
+    from launcher.core.errors import FtlError
+    from launcher.launch import check_cpu
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "model": "llama-3.2-1b", "task": "dapt",
+                                 "train": {"cross_entropy": "fused"}}))
+    recipe = load_recipe(p)
+    with pytest.raises(FtlError) as ei:
+        check_cpu(recipe)
+    assert "train.cross_entropy = 'fused'" in str(ei.value) and "train.cross_entropy=chunked" in str(ei.value)

@@ -57,6 +57,7 @@ Device = Literal["cuda", "cpu"]
 FP32 = 4
 INT64 = 8
 BOOL = 1
+MIN_OFFLOAD_BYTES = 1024  # TRL's min_offload_size (launcher/train/offload.py): smaller saves stay put
 
 # TRL 1.16's fused LM head (trl/kernels/chunked_logprob.py, trl/trainer/utils.py add_fused_lm_head)
 TRL_TOKEN_CHUNK = 4096  # TOKEN_CHUNK_SIZE: rows of one tile
@@ -113,6 +114,7 @@ class ActivationBytes:
     backward_transient: int
     per_layer: int
     detail: dict[str, int] = field(default_factory=dict)
+    offloaded: int = 0  # train.activation_offloading: bytes held in host RAM per micro-batch (see `offloaded_bytes`)
 
 
 # detail entries that are not components of `saved`
@@ -122,6 +124,11 @@ INFO_KEYS = (
     "loss saved (log-softmax)",
     "recomputed layer",
     "logits (forward peak)",
+    "offloaded saved",
+    "offloaded weight copies",
+    "offloaded loss saved",
+    "restored layer",
+    "offload leaf kept",
 )
 
 
@@ -152,6 +159,8 @@ class _Trace:
         self.weight_copy_params = 0  # parameters whose autocast 16-bit copy autograd keeps
         self.size: dict[int, float] = {}  # storage key -> bytes per token of the whole storage
         self.rope_nb = FP32  # element size of the rotary cos/sin tables
+        self.repeated: set[int] = set()  # storages saved by more than one op
+        self.head_keys: set[int] = set()  # storages the output head itself saves (its forward)
 
     # -- tensors
     def new(self, feat: float, nb: int, rg: bool) -> _T:
@@ -165,7 +174,9 @@ class _Trace:
         return _T(t.key, feat, t.nb, t.rg)
 
     def save(self, t: _T, component: str | None = None) -> None:
-        if t.key not in self.saved:
+        if t.key in self.saved:
+            self.repeated.add(t.key)
+        else:
             self.saved[t.key] = (component or self.component, self.size.get(t.key, t.feat * t.nb))
 
     def cast(self, t: _T, nb: int) -> _T:
@@ -710,17 +721,26 @@ def _run(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device, checkpoi
         rows = (s - 1) / s
         tr.save(x if (device == "cpu" and b == 1) else tr.new(x.feat * rows, x.nb, False), "loss")
         tr.save(tr.new(rows, TRL_SAVED_PER_TOKEN[device], False), "loss")
+    elif arch.head == "causal_lm" and recipe.train.cross_entropy == "fused":
+        # Liger's fused linear cross-entropy computes the head's gradients in the forward and keeps them for
+        # the backward: the input gradient, tokens x hidden in the head input's dtype (the weight gradient,
+        # when the head trains, is added in activation_bytes: it scales with the vocabulary, not tokens)
+        tr.save(tr.new(x.feat, x.nb, False), "loss")
     elif arch.head == "causal_lm":
         if head_trains:
-            tr.save(tr.autocast_in(x))
+            head_in = tr.autocast_in(x)
+            tr.save(head_in)
+            tr.head_keys.add(head_in.key)
         # an fp32 head under autocast: its 16-bit copy is kept for the input gradient (cached when
         # it trains; made per call when frozen in fp32)
         if x.rg and autocast and (head_trains or c.base_nb == FP32):
             tr.weight_copy_params += arch.hidden * arch.vocab
+            c.head_copy_params = arch.hidden * arch.vocab  # type: ignore[attr-defined]
         tr.save(tr.new(1, INT64, False), "loss")  # shifted labels kept by nll_loss
     elif not arch.encoder and head_trains:
         # decoder classification: `score` runs on every token, then the last token is picked
         tr.save(tr.autocast_in(x))
+    c.rope_bytes = 0 if (arch.encoder or arch.model_type == "gpt2") else 2 * s * arch.head_dim * tr.rope_nb  # type: ignore[attr-defined]
     c.layer_copies = layer_copies  # type: ignore[attr-defined]
     return tr, per_layer, c
 
@@ -746,8 +766,8 @@ def activation_bytes(
     for comp, v in tr.by_component().items():
         detail[comp] = detail.get(comp, 0) + int(round(v * tokens))
     # cos/sin of rotary embeddings: (1, s, head_dim) each, shared by all layers and the batch
-    if not arch.encoder and arch.model_type != "gpt2":
-        detail["attention"] = detail.get("attention", 0) + 2 * s * arch.head_dim * tr.rope_nb
+    if c.rope_bytes:  # type: ignore[attr-defined]
+        detail["attention"] = detail.get("attention", 0) + c.rope_bytes  # type: ignore[attr-defined]
     saved = sum(detail.values())
 
     # a typical layer (input needs grad, weights as the top layer's), without checkpointing
@@ -761,6 +781,10 @@ def activation_bytes(
     logits = 0
     if arch.head == "causal_lm" and loss_in_tiles(recipe):
         logits, detail["logits (forward peak)"] = _tiled_loss_bytes(arch, params, recipe, c, device, b, s)
+    elif arch.head == "causal_lm" and recipe.train.cross_entropy == "fused":
+        grad_w, logits, detail["logits (forward peak)"] = _liger_loss_bytes(arch, params, recipe, c, b, s)
+        detail["loss"] = detail.get("loss", 0) + grad_w
+        saved += grad_w
     elif arch.head == "causal_lm":
         logit_elems = tokens * arch.vocab
         logits = 12 * logit_elems
@@ -777,9 +801,51 @@ def activation_bytes(
         transient += max(layer_copies, default=0)  # the recomputed layer's weight copies
     detail["autocast weight copies"] = copies
     detail["autocast weight copies (forward)"] = copies + sum(layer_copies)
+    offloaded = 0
+    if recipe.train.activation_offloading:
+        head_copy = getattr(c, "head_copy_params", 0) * c.cd if tr.autocast else 0
+        # under checkpointing the rotary tables reach the layers as keywords the checkpoint closure holds
+        rope = 0 if ckpt else c.rope_bytes  # type: ignore[attr-defined]
+        parts = offloaded_bytes(tr, tokens, device, rope, copies - head_copy, detail.get("loss saved (log-softmax)", 0))
+        detail.update(parts)
+        offloaded = sum(parts.values())
+        detail["restored layer"] = per_layer_b if not ckpt else int(arch.hidden * tokens * max(c.base_nb, c.cd))
+        detail["offload leaf kept"] = _leaf_input(arch, recipe, params, tokens, c.base_nb)
     return ActivationBytes(
-        saved=saved, logits=logits, backward_transient=transient, per_layer=per_layer_b, detail=detail
+        saved=saved, logits=logits, backward_transient=transient, per_layer=per_layer_b, detail=detail,
+        offloaded=offloaded,
     )
+
+
+def _leaf_input(arch: Arch, recipe: Recipe, params: ParamPlan, tokens: int, nb: int) -> int:
+    """Under checkpointing with frozen embeddings, the first layer's input is the embedding output made to
+    require grad (enable_input_require_grads): an autograd leaf, which the graph holds wherever it was
+    made, so it stays on the GPU beside its host copy."""
+    if recipe.train.gradient_checkpointing and not params.embeddings_train:
+        return int(arch.hidden * tokens * nb)
+    return 0
+
+
+def offloaded_bytes(tr: _Trace, tokens: int, device: Device, rope_bytes: int, weight_copies: int,
+                    loss_saved: int) -> dict[str, int]:
+    """What `train.activation_offloading` moves to host RAM (launcher/train/offload.py), by part.
+
+    Every saved storage of MIN_OFFLOAD_BYTES or more but the output head's own saves (TRL runs the head
+    outside the offloader): the layers' saved tensors (under checkpointing, the layer inputs), the rotary
+    tables, the autocast weight copies of the layers (the head's stays), and the loss's saved log-softmax
+    of full logits. On CUDA, TRL's streamed offloader keeps a storage saved by a second op on the GPU
+    (its storage dedup), so those stay; the CPU pool copies each view once.
+    """
+    acts = 0
+    for key, (_, per_token) in tr.saved.items():
+        n = per_token * tokens
+        if n < MIN_OFFLOAD_BYTES or key in tr.head_keys or (device == "cuda" and key in tr.repeated):
+            continue
+        acts += n
+    if rope_bytes >= 2 * MIN_OFFLOAD_BYTES:
+        acts += rope_bytes
+    return {"offloaded saved": int(acts), "offloaded weight copies": int(weight_copies),
+            "offloaded loss saved": int(loss_saved)}
 
 
 def _tiled_loss_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, c: _Ctx, device: Device, b: int, s: int) -> tuple[int, int]:
@@ -795,12 +861,7 @@ def _tiled_loss_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, c: _Ctx, de
     hb = c.head_in_nb  # type: ignore[attr-defined]
     cdl = c.cd if c.tr.autocast else hb
     _, head_trains = _head_trains(arch, params, recipe)
-    if recipe.train.precision == "bf16-pure":
-        wb = 2
-    elif recipe.method == "full" or (recipe.method == "freeze" and head_trains):
-        wb = c.base_nb if recipe.method == "full" else FP32
-    else:
-        wb = c.cd
+    wb = _head_weight_nb(recipe, c, head_trains)
     t = min(n, TRL_TOKEN_CHUNK)
     width = TRL_VOCAB_CHUNK if device == "cuda" else min(v, TRL_VOCAB_CHUNK)
     buf = t * TRL_VOCAB_CHUNK * cdl  # mm_buf: allocated at full chunk width
@@ -818,6 +879,40 @@ def _tiled_loss_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, c: _Ctx, de
         grads += FP32 * v * h + (wb * v * h if wb != FP32 else 0)
     backward = buf + casts + grads + tile_temps("backward")
     return int(backward), int(forward)
+
+
+def _head_weight_nb(recipe: Recipe, c: _Ctx, head_trains: bool) -> int:
+    """Element size of the output head's weight as the trainer holds it."""
+    if recipe.train.precision == "bf16-pure":
+        return 2
+    if recipe.method == "full" or (recipe.method == "freeze" and head_trains):
+        return c.base_nb if recipe.method == "full" else FP32
+    return c.cd
+
+
+def _liger_loss_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, c: _Ctx, b: int, s: int) -> tuple[int, int, int]:
+    """(saved weight gradient, loss backward, forward peak) bytes of Liger's fused linear cross-entropy
+    (liger_kernel/ops/fused_linear_cross_entropy.py, fused_linear_cross_entropy_forward, read 2026-12-06).
+
+    The forward runs the head chunk by chunk -- chunk_size = next_power_of_2(ceil(BT / ceil(V / H))), at
+    most BT, so one chunk's logits are about BT x H elements -- and writes each chunk's logit gradient in
+    place, then accumulates grad_input (BT x H, the input's dtype) and, when the head trains, grad_weight
+    (V x H, the weight's dtype); both are saved for the backward, which only scales them. Transient in
+    the forward: one chunk of logits in the compute dtype, its product with the weight (chunk x H), the
+    fp32 per-token loss, and under autocast the 16-bit copy of an fp32 head weight (the autocast cache
+    holds it to the end of the forward). Nothing is left for the loss backward.
+    """
+    bt = b * s
+    h, v = arch.hidden, arch.vocab
+    hb = c.head_in_nb  # type: ignore[attr-defined]
+    cdl = c.cd if c.tr.autocast else hb
+    _, head_trains = _head_trains(arch, params, recipe)
+    wb = _head_weight_nb(recipe, c, head_trains)
+    inc = -(-v // h)
+    chunk = min(1 << max(0, (-(-bt // inc) - 1).bit_length()), bt)
+    grad_w = v * h * wb if head_trains else 0
+    forward = chunk * v * cdl + chunk * h * hb + FP32 * bt + (v * h * cdl if wb != cdl else 0)
+    return int(grad_w), 0, int(forward)
 
 
 def _backward_transient(arch: Arch, recipe: Recipe, c: _Ctx, tokens: int, recomputed: int) -> int:
@@ -874,6 +969,8 @@ def _probed_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device)
         rows = (s - 1) / s
         if loss_in_tiles(recipe):
             detail["loss"] = int(tokens * rows * (arch.hidden * res_nb + TRL_SAVED_PER_TOKEN[device]))
+        elif recipe.train.cross_entropy == "fused":
+            detail["loss"] = int(tokens * arch.hidden * res_nb)  # Liger's grad_input (+ grad_weight below)
         else:
             head_in = 2 if (autocast and res_nb == FP32) else res_nb
             detail["final norm + head input"] = int(tokens * arch.hidden * head_in) if head_trains else 0
@@ -885,6 +982,10 @@ def _probed_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device)
                         lora_p=recipe.lora.dropout, head_in_nb=res_nb, tr=SimpleNamespace(autocast=autocast))
     if arch.head == "causal_lm" and loss_in_tiles(recipe):
         logits, detail["logits (forward peak)"] = _tiled_loss_bytes(arch, params, recipe, c, device, b, s)  # type: ignore[arg-type]
+    elif arch.head == "causal_lm" and recipe.train.cross_entropy == "fused":
+        grad_w, logits, detail["logits (forward peak)"] = _liger_loss_bytes(arch, params, recipe, c, b, s)  # type: ignore[arg-type]
+        detail["loss"] += grad_w
+        saved += grad_w
     elif arch.head == "causal_lm":
         logit_elems = tokens * arch.vocab
         logits = 12 * logit_elems
@@ -898,5 +999,18 @@ def _probed_bytes(arch: Arch, params: ParamPlan, recipe: Recipe, device: Device)
         detail["recomputed layer"] = per_layer_b
     detail["autocast weight copies"] = int(copies)
     detail["autocast weight copies (forward)"] = int(copies)
+    offloaded = 0
+    if recipe.train.activation_offloading:
+        # every measured save moves but the head's own (its input, and its weight copy under autocast)
+        kept = detail.get("final norm + head input", 0)
+        head_copy = arch.hidden * arch.vocab * cd if (arch.head == "causal_lm" and not loss_in_tiles(recipe)
+                                                      and recipe.train.cross_entropy != "fused" and body_rg
+                                                      and autocast and (head_trains or base_nb == FP32)) else 0
+        parts = {"offloaded saved": int(saved - kept), "offloaded weight copies": int(copies - head_copy),
+                 "offloaded loss saved": detail.get("loss saved (log-softmax)", 0)}
+        detail.update(parts)
+        offloaded = sum(parts.values())
+        detail["restored layer"] = per_layer_b if not ckpt else int(arch.hidden * tokens * res_nb)
+        detail["offload leaf kept"] = _leaf_input(arch, recipe, params, tokens, base_nb)
     return ActivationBytes(saved=int(saved), logits=int(logits), backward_transient=transient,
-                           per_layer=per_layer_b, detail=detail)
+                           per_layer=per_layer_b, detail=detail, offloaded=offloaded)

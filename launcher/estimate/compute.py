@@ -114,12 +114,16 @@ def step_time(
     comm: CommVolume,
     bandwidth: float,
     overlappable_compute_s: float | None = None,
+    activation_transfer_bytes: float = 0.0,
 ) -> StepTime:
+    """`activation_transfer_bytes` (activation offloading, both directions) overlaps compute on a side
+    stream: only the part beyond the compute time adds."""
     tflops = peak_tflops(gpu, precision)
     compute = flops / (world * tflops * 1e12 * mfu)
     hide = compute if overlappable_compute_s is None else overlappable_compute_s
     comm_s = max(0.0, comm.overlappable / bandwidth - hide) + comm.exposed / bandwidth
-    offload_s = comm.pcie / (gpu.pcie_bandwidth_gbps * 1e9)
+    link = gpu.pcie_bandwidth_gbps * 1e9
+    offload_s = comm.pcie / link + max(0.0, activation_transfer_bytes / link - compute)
     return StepTime(compute, comm_s, offload_s, mfu, tflops)
 
 

@@ -66,6 +66,11 @@ class Estimate:
         return int(self.gpu_memory_bytes * (1 - self.recipe.estimate.headroom))
 
     @property
+    def cpu_bytes_per_node(self) -> int:
+        """Host RAM of one node: offloaded model states plus each GPU's offloaded activations."""
+        return self.memory.states.cpu + self.memory.acts.offloaded * self.recipe.cluster.gpus_per_node
+
+    @property
     def shortfall_bytes(self) -> int:
         return max(0, self.memory.peak - (self.usable_bytes or self.memory.peak))
 
@@ -103,6 +108,7 @@ class Estimate:
                 "logits_bytes": a.logits,
                 "optimizer_step_temp_bytes": s.step_temp,
                 "backward_transient_bytes": a.backward_transient,
+                "activations_offloaded_bytes": a.offloaded,
                 "overhead_bytes": m.overhead,
                 "peak_allocated_bytes": m.peak_allocated,
                 "peak_bytes": m.peak,
@@ -110,7 +116,7 @@ class Estimate:
                 "phases": m.phases,
                 "detail": {**s.detail, **{f"activations: {k}": v for k, v in a.detail.items()}, **{f"overhead: {k}": v for k, v in m.overhead_detail.items()}},
             },
-            "cpu_bytes_per_node": s.cpu,
+            "cpu_bytes_per_node": self.cpu_bytes_per_node,
             "disk_bytes": self.disk_bytes,
             "gpu": {
                 "name": self.gpu.name if self.gpu else None,
@@ -237,7 +243,10 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
                            params.trainable * w16, recipe.parallel.offload)
         comm_detail = comm.detail
         bw = link_bandwidth(gpu, cl.nodes, cl.gpus_per_node, cl.inter_node_bandwidth_gbps)
-        st = step_time(flops, world, gpu, recipe.train.precision, mfu, comm, bw)
+        # activation offloading: each micro-batch's offloaded bytes go to the host in the forward and come
+        # back in the backward, on a side stream; only what the step's compute cannot hide adds time
+        moved = 2 * mem.acts.offloaded * recipe.train.grad_accum
+        st = step_time(flops, world, gpu, recipe.train.precision, mfu, comm, bw, activation_transfer_bytes=moved)
         st_s = st.total_s
         if steps is not None:
             total_s = steps * st_s
@@ -259,11 +268,21 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
         "gradient_checkpointing": recipe.train.gradient_checkpointing,
         "attn_implementation": recipe.train.attn_implementation,
         "cross_entropy": recipe.train.cross_entropy,
+        "activation_offloading": (
+            "saved activations of 1 KiB or more in host RAM between forward and backward (TRL's offloader: "
+            "pinned copies on a side stream; the output head's saves and, on CUDA, storages saved twice stay on "
+            "the GPU; one layer's saved set on the GPU at a time); the transfer adds time only where it exceeds "
+            f"the step's compute, at {gpu.pcie_bandwidth_gbps if gpu else '?'} GB/s per direction"
+            if recipe.train.activation_offloading else False),
         "torch_compile": ("requested; compiled kernels are not modelled (memory and time are eager PyTorch's)"
                           if recipe.train.torch_compile else False),
         "loss": ("none (classification head)" if arch.head != "causal_lm" else
                  "TRL's fused LM head: log-probabilities in tiles of 4096 tokens x 32768 vocabulary entries, no full logits"
-                 if loss_in_tiles(recipe) else "full logits (transformers ForCausalLMLoss: fp32 copy, log-softmax)"),
+                 if loss_in_tiles(recipe) else
+                 "Liger Kernel's fused linear cross-entropy: the head and its gradients chunk by chunk in the forward "
+                 "(about tokens x hidden logits per chunk), grad_input and grad_weight kept for the backward"
+                 if recipe.train.cross_entropy == "fused" else
+                 "full logits (transformers ForCausalLMLoss: fp32 copy, log-softmax)"),
         "mfu": mfu,
         "mfu_source": "recipe estimate.mfu" if recipe.estimate.mfu else "default for method and GPU (launcher/spec/catalog/mfu.yaml)",
         "communication": comm_detail,

@@ -18,7 +18,8 @@ from launcher.spec.recipe import Recipe
 def recipe_key(r: Recipe) -> tuple:
     t = r.train
     return (r.quantization.bits, r.task, r.method, r.parallel.offload, t.precision, t.optimizer, t.weight_decay,
-            t.attn_implementation, t.cross_entropy, t.micro_batch_size, t.gradient_checkpointing, r.data.max_seq_len, r.data.packing)
+            t.attn_implementation, t.cross_entropy, t.micro_batch_size, t.gradient_checkpointing, t.activation_offloading,
+            r.data.max_seq_len, r.data.packing)
 
 
 class Memo:

@@ -89,10 +89,17 @@ def memory_estimate(
     copies = a.detail.get("autocast weight copies", 0)  # 16-bit casts of fp32 weights kept for backward
     copies_fwd = a.detail.get("autocast weight copies (forward)", copies)
     logits_fwd = a.detail.get("logits (forward peak)", a.logits)
+    # activation offloading: what moved to host RAM leaves the GPU after the forward; one layer's saved
+    # set is on the GPU at a time (in flight to the host in the forward, brought back in the backward);
+    # the autocast cache holds the weight copies until the forward ends; the loss's saved log-softmax
+    # comes back for the loss backward (in `a.logits`)
+    saved = a.saved - a.detail.get("offloaded saved", 0) + a.detail.get("offload leaf kept", 0)
+    copies -= a.detail.get("offloaded weight copies", 0)
+    restored = a.detail.get("restored layer", 0)
     phases = {
-        "forward": base + grads_kept + copies_fwd + a.saved + logits_fwd,
-        "loss backward": base + grads_kept + copies + a.saved + a.logits,
-        "layer backward": base + copies + a.saved + a.backward_transient + s.gradients,
+        "forward": base + grads_kept + copies_fwd + saved + restored + logits_fwd,
+        "loss backward": base + grads_kept + copies + saved + a.logits,
+        "layer backward": base + copies + saved + restored + a.backward_transient + s.gradients,
         "optimizer step": base + s.gradients + s.step_temp,
     }
     peak_phase = max(phases, key=phases.__getitem__)

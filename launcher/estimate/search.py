@@ -333,7 +333,7 @@ def _candidate(e: Estimate, prof: Cluster, ppath: str | None, gpu_key: str, gpu_
         gradient_checkpointing=r.train.gradient_checkpointing, method=r.method, precision=r.train.precision,
         cross_entropy=r.train.cross_entropy, fits=fits,
         peak_bytes=e.memory.peak, usable_bytes=e.usable_bytes or 0, shortfall_bytes=e.shortfall_bytes,
-        cpu_bytes_per_node=e.memory.states.cpu, step_time_s=e.step_time_s, train_time_s=e.total_time_s,
+        cpu_bytes_per_node=e.cpu_bytes_per_node, step_time_s=e.step_time_s, train_time_s=e.total_time_s,
         setup_s=setup, total_time_s=total, price_per_gpu_hour=cl.price_per_gpu_hour,
         price_date=str(cl.price_date) if cl.price_date else None, price_age_days=cl.price_age_days(), cost_usd=cost,
         tokens=tokens, cost_per_mtok_usd=per_mtok, index=index,

@@ -166,8 +166,13 @@ class Train(_Strict):
     cross_entropy: CrossEntropy = Field("standard", description="standard: each task's own loss -- DAPT materialises "
                                         "the fp32 logits (transformers), SFT and DPO score tokens tile by tile (TRL's fused "
                                         "LM head); chunked: TRL's fused LM head for every task, so no tokens × vocab "
-                                        "logits exist. fused (Liger) is not available yet.")
+                                        "logits exist; fused: Liger Kernel's fused linear cross-entropy (DAPT, CUDA only; the liger-kernel "
+                                        "package), which computes the head's gradients chunk by chunk in the forward.")
     gradient_checkpointing: bool = False
+    activation_offloading: bool = Field(False, description="Keep saved activations in host RAM between forward and "
+                                        "backward (TRL's offloader on CUDA: pinned, copies overlapping compute; the "
+                                        "output head's own saves stay on the GPU). Combines with gradient_checkpointing "
+                                        "(the checkpointed layer inputs move) and parallel.offload (host RAM adds up).")
     torch_compile: bool = Field(False, description="Compile the model with torch.compile (the Trainer's torch_compile). "
                                 "The estimate does not model compiled kernels: memory and time are eager's.")
     attn_implementation: AttnImpl = "sdpa"
@@ -314,10 +319,12 @@ class Recipe(_Strict):
         if ce != "standard" and self.task == "classification":
             raise FieldConflict("train.cross_entropy", ce, "classification has no vocabulary logits to chunk; "
                                 "leave train.cross_entropy standard")
-        if ce == "fused":
-            raise FieldConflict("train.cross_entropy", ce, "Liger's fused linear cross-entropy is not available in "
-                                "this version of ftl; use chunked (TRL's fused LM head: no full logits either, and it "
-                                "runs on the CPU too)")
+        if ce == "fused" and self.task != "dapt":
+            # TRL 1.16's SFT trainer refuses Liger's fused linear cross-entropy (it patches the forward with its
+            # own fused LM head) and its DPO trainer computes log-probabilities itself
+            raise FieldConflict("train.cross_entropy", ce, f"task '{self.task}' already scores tokens with TRL's "
+                                "fused LM head (no full logits), and TRL does not run Liger's fused linear "
+                                "cross-entropy there; leave train.cross_entropy standard (fused is for task dapt)")
         return self
 
     @property

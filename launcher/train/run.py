@@ -104,6 +104,15 @@ def setup_distributed(recipe: Recipe, plan: dict[str, Any], run_dir: Path) -> st
     if device == "cpu" and recipe.train.precision == "fp16":
         raise FtlError("train.precision = 'fp16': fp16 needs a GPU (DeepSpeed and autocast refuse it on the CPU); "
                        "use bf16 or fp32 on the CPU")
+    if recipe.train.cross_entropy == "fused":
+        if device == "cpu":
+            raise FtlError("train.cross_entropy = 'fused': Liger Kernel's fused linear cross-entropy needs CUDA; "
+                           "use chunked on the CPU")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise FtlError("train.cross_entropy = 'fused' needs the liger-kernel package on the training nodes: "
+                           "pip install liger-kernel (or use chunked)") from None
     if device == "cpu" and recipe.train.attn_implementation == "flash_attention_2":
         log.warning("flash_attention_2 needs a CUDA GPU; sdpa is used on the CPU")
     if strategy != "ddp" and "RANK" not in os.environ:
@@ -251,6 +260,12 @@ def build_args(recipe: Recipe, plan: dict[str, Any], run_dir: Path, has_eval: bo
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         torch_compile=t.torch_compile,
+        # fused (DAPT): Liger's fused linear cross-entropy and nothing else of Liger's, so that the layers run
+        # (and are estimated) as without it
+        use_liger_kernel=t.cross_entropy == "fused",
+        liger_kernel_config=({"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
+                              "rms_norm": False, "swiglu": False, "layer_norm": False}
+                             if t.cross_entropy == "fused" else None),
         activation_checkpointing=t.gradient_checkpointing,  # transformers 5: the new name of gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         seed=t.seed,
@@ -319,11 +334,30 @@ def fsdp_layer_classes(recipe: Recipe, model_path: str) -> list[str]:
 # Trainer class: the CPU FSDP promotion
 
 
-def make_trainer_class(base, force_fsdp: bool, tiled_loss: bool = False):
-    """The task's Trainer class with ftl's two additions: the CPU FSDP promotion, and (`tiled_loss`, DAPT with
-    train.cross_entropy chunked) the loss through TRL's fused LM head, as TRL's own SFT/DPO trainers do."""
+def make_trainer_class(base, force_fsdp: bool, tiled_loss: bool = False, offload: bool = False):
+    """The task's Trainer class with ftl's additions: the CPU FSDP promotion, (`tiled_loss`, DAPT with
+    train.cross_entropy chunked) the loss through TRL's fused LM head, as TRL's own SFT/DPO trainers do, and
+    (`offload`, train.activation_offloading) each training step's saved activations in host RAM
+    (launcher/train/offload.py; made at the first step, when the model is prepared and placed)."""
 
     class FtlTrainer(base):  # type: ignore[misc, valid-type]
+        _ftl_offload = None
+
+        def training_step(self, *args, **kwargs):
+            if not offload:
+                return super().training_step(*args, **kwargs)
+            first = self._ftl_offload is None
+            if first:
+                from launcher.train.offload import offload_context
+
+                self._ftl_offload = offload_context(self.model)
+            with self._ftl_offload:
+                loss = super().training_step(*args, **kwargs)
+            if first and hasattr(self._ftl_offload, "peak_bytes"):
+                log.info("activation offloading: %d saved tensors, %.1f MiB in host RAM at the first micro-batch",
+                         self._ftl_offload.copies, self._ftl_offload.peak_bytes / 2**20)
+            return loss
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if tiled_loss and "labels" in inputs:
                 inputs = {**inputs, "fused_lm_head": True}  # add_fused_lm_head's switch: no full logits
@@ -559,7 +593,7 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
         # as TRL's SFTTrainer applies it: on the model under the adapters, with its default outputs
         add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     Trainer = make_trainer_class(T.trainer_class(recipe), force_fsdp=strategy == "fsdp" and device == "cpu",
-                                 tiled_loss=tiled)
+                                 tiled_loss=tiled, offload=recipe.train.activation_offloading)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning)
         trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, **extra)
