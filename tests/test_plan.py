@@ -332,6 +332,30 @@ def test_allowed_precision_and_cross_entropy_are_searched_and_launched():
         plan(dapt, clusters, cluster_paths=paths, allow_precisions=["bf17"])
 
 
+def test_allowed_activation_offloading_is_searched_launched_and_costs_host_ram():
+    """--allow-activation-offloading adds the offloading twin of every candidate (off by default): less GPU
+    memory for the same work, host RAM per node that grows by the offloaded bytes of each GPU, and a launch
+    line that sets it when the chosen candidate uses it."""
+    root = Path(__file__).resolve().parent.parent
+    r = load_recipe(root / "recipes" / "mistral-7b-lora-chat.yaml")
+    clusters, paths = load_profiles()
+    plain = plan(r, clusters, cluster_paths=paths)
+    assert not any(c.activation_offloading for c in plain.candidates)
+    assert "train.activation_offloading=false" in plain.launch_command
+    res = plan(r, clusters, cluster_paths=paths, allow_activation_offloading=True)
+    key = lambda c: (c.profile, c.world, c.strategy, c.offload, c.micro_batch_size, c.gradient_checkpointing)  # noqa: E731
+    off = {key(c): c for c in res.candidates if c.activation_offloading}
+    on_gpu = [c for c in res.candidates if not c.activation_offloading]
+    assert len(off) == len(on_gpu) > 0
+    for c in on_gpu:
+        o = off[key(c)]
+        assert o.peak_bytes < c.peak_bytes and o.cpu_bytes_per_node > c.cpu_bytes_per_node, key(c)
+    forced = plan(r.model_copy(update={"train": r.train.model_copy(update={"activation_offloading": True})}),
+                  clusters, cluster_paths=paths)
+    assert all(c.activation_offloading for c in forced.candidates)
+    assert "--set train.activation_offloading=true" in forced.launch_command
+
+
 @pytest.mark.parametrize("kw,words", [({"budget_usd": float("inf")}, "--budget"), ({"budget_usd": -1.0}, "--budget"),
                                       ({"deadline_s": 1e30}, "--deadline")])
 def test_nonsense_budget_and_deadline_are_refused(kw, words):

@@ -677,6 +677,7 @@ def plan_cmd(
     allow_methods: Optional[list[str]] = typer.Option(None, "--allow-method", help="Also consider this method, e.g. qlora (repeatable)."),
     allow_precisions: Optional[list[str]] = typer.Option(None, "--allow-precision", help="Also consider this train.precision, e.g. bf16-pure (no fp32 master weights; repeatable)."),
     allow_cross_entropy: Optional[list[str]] = typer.Option(None, "--allow-cross-entropy", help="Also consider this train.cross_entropy, e.g. chunked (repeatable)."),
+    allow_activation_offloading: bool = typer.Option(False, "--allow-activation-offloading", help="Also consider train.activation_offloading (saved activations in host RAM between forward and backward)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG scatter of time vs cost with the Pareto frontier (replaces only a plot ftl wrote)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Let --plot replace a file that is not an ftl plot."),
@@ -698,7 +699,8 @@ def plan_cmd(
         res = run_plan(r, profiles, objective=objective, budget_usd=budget,
                        deadline_s=parse_duration(deadline) if deadline else None, max_gpus=max_gpus,
                        allow_methods=allow_methods or (), cluster_paths=paths, recipe_path=str(recipe), sets=sets or (),
-                       allow_precisions=allow_precisions or (), allow_cross_entropy=allow_cross_entropy or ())
+                       allow_precisions=allow_precisions or (), allow_cross_entropy=allow_cross_entropy or (),
+                       allow_activation_offloading=allow_activation_offloading)
         if plot is not None:
             write_plot(res, plot, overwrite)
     except FtlError as e:

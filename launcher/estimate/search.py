@@ -26,7 +26,7 @@ from launcher.estimate.compute import total_cost
 from launcher.estimate.estimator import Estimate, build_arch, estimate_arch
 from launcher.estimate.memo import Memo
 from launcher.estimate.memory import GiB
-from launcher.spec.catalog import ModelSpec, find_gpu, gpus, provider_facts, resolve_model
+from launcher.spec.catalog import ModelSpec, find_gpu, gpus, lowest_shipped_price, provider_facts, resolve_model
 from launcher.spec.recipe import PURE_BF16_STRATEGIES, RENTED, STRATEGIES, Cluster, Parallel, Recipe, Train, price_note
 
 
@@ -68,6 +68,7 @@ class Candidate:
     method: str
     precision: str
     cross_entropy: str
+    activation_offloading: bool
     fits: bool
     peak_bytes: int
     usable_bytes: int
@@ -104,7 +105,10 @@ class Candidate:
     @property
     def settings(self) -> str:
         ck = "ckpt" if self.gradient_checkpointing else "no ckpt"
-        return f"{self.method}, micro {self.micro_batch_size} × accum {self.grad_accum}, {ck}"
+        extra = [self.precision] if self.precision != "bf16" else []
+        extra += [f"{self.cross_entropy} CE"] if self.cross_entropy != "standard" else []
+        extra += ["activation offloading"] if self.activation_offloading else []
+        return ", ".join([f"{self.method}, micro {self.micro_batch_size} × accum {self.grad_accum}, {ck}", *extra])
 
     def to_json(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -210,10 +214,13 @@ def global_batch(recipe: Recipe) -> int:
     return recipe.train.micro_batch_size * recipe.train.grad_accum * recipe.cluster.world_size
 
 
-def _variant_recipe(recipe: Recipe, method: str, precision: str, cross_entropy: str) -> Recipe | None:
-    """The recipe with another method / precision / cross-entropy (what --allow-* lets the plan change);
-    None when that combination cannot run (e.g. bf16-pure with an fp16 QLoRA compute dtype)."""
-    if (method, precision, cross_entropy) == (recipe.method, recipe.train.precision, recipe.train.cross_entropy):
+def _variant_recipe(recipe: Recipe, method: str, precision: str, cross_entropy: str,
+                    offloading: bool) -> Recipe | None:
+    """The recipe with another method / precision / cross-entropy / activation offloading (what --allow-* lets
+    the plan change); None when that combination cannot run (e.g. bf16-pure with an fp16 QLoRA compute dtype)."""
+    t = recipe.train
+    if (method, precision, cross_entropy, offloading) == (recipe.method, t.precision, t.cross_entropy,
+                                                          t.activation_offloading):
         return recipe
     r = recipe.model_copy(deep=True)
     try:
@@ -222,6 +229,7 @@ def _variant_recipe(recipe: Recipe, method: str, precision: str, cross_entropy: 
             r.quantization.bits = 4
         r.train.precision = precision  # type: ignore[assignment]
         r.train.cross_entropy = cross_entropy  # type: ignore[assignment]
+        r.train.activation_offloading = offloading
         return r._consistent()
     except (ValueError, ValidationError):
         return None
@@ -256,10 +264,11 @@ def enumerate_candidates(
     worlds: dict[int, list[tuple[int, int]]] | None = None,
     allow_precisions: Sequence[str] = (),
     allow_cross_entropy: Sequence[str] = (),
+    allow_activation_offloading: bool = False,
 ) -> tuple[list[Candidate], list[str]]:
     """Estimate every candidate; returns them (fitting or not) and the profiles skipped with why. Methods,
     precisions and cross-entropies beyond the recipe's are searched only where allowed (they change the
-    numerics)."""
+    numerics), and activation offloading only where allowed (it needs host RAM and link time)."""
     spec = spec or resolve_model(recipe.model)
     arch = arch or build_arch(recipe, spec)
     paths = list(cluster_paths) if cluster_paths is not None else [None] * len(clusters)
@@ -269,7 +278,10 @@ def enumerate_candidates(
                                               if p != recipe.train.precision]
     ces = [recipe.train.cross_entropy] + [c for c in _allowed("--allow-cross-entropy", allow_cross_entropy, "cross_entropy")
                                           if c != recipe.train.cross_entropy]
-    mrecipes = {v: mr for v in itertools.product(methods, precisions, ces) if (mr := _variant_recipe(recipe, *v)) is not None}
+    offloads = [recipe.train.activation_offloading] + ([True] if allow_activation_offloading
+                                                       and not recipe.train.activation_offloading else [])
+    mrecipes = {v: mr for v in itertools.product(methods, precisions, ces, offloads)
+                if (mr := _variant_recipe(recipe, *v)) is not None}
     weight_bytes = 0 if spec.origin == "local" else arch.published_bytes  # downloaded before the first step
 
     if arch.probe is not None:  # a probed architecture: every variant the search tries, in one probe process
@@ -317,7 +329,7 @@ def enumerate_candidates(
 def _candidate(e: Estimate, prof: Cluster, ppath: str | None, gpu_key: str, gpu_name: str, weight_bytes: int, index: int) -> Candidate:
     r = e.recipe
     cl = r.cluster
-    cpu_ok = cl.cpu_memory_gib is None or e.memory.states.cpu <= cl.cpu_memory_gib * GiB
+    cpu_ok = cl.cpu_memory_gib is None or e.cpu_bytes_per_node <= cl.cpu_memory_gib * GiB
     fits = bool(e.fits) and cpu_ok
     setup = setup_seconds(cl, weight_bytes)
     total = cost = tokens = per_mtok = None
@@ -331,7 +343,7 @@ def _candidate(e: Estimate, prof: Cluster, ppath: str | None, gpu_key: str, gpu_
         nodes=cl.nodes, gpus_per_node=cl.gpus_per_node, strategy=e.strategy, offload=r.parallel.offload,
         micro_batch_size=r.train.micro_batch_size, grad_accum=r.train.grad_accum,
         gradient_checkpointing=r.train.gradient_checkpointing, method=r.method, precision=r.train.precision,
-        cross_entropy=r.train.cross_entropy, fits=fits,
+        cross_entropy=r.train.cross_entropy, activation_offloading=r.train.activation_offloading, fits=fits,
         peak_bytes=e.memory.peak, usable_bytes=e.usable_bytes or 0, shortfall_bytes=e.shortfall_bytes,
         cpu_bytes_per_node=e.cpu_bytes_per_node, step_time_s=e.step_time_s, train_time_s=e.total_time_s,
         setup_s=setup, total_time_s=total, price_per_gpu_hour=cl.price_per_gpu_hour,
@@ -403,12 +415,13 @@ def launch_command(recipe: Recipe, c: Candidate, recipe_path: str | None = None,
     args = ["ftl", "launch", _rel(recipe_path or recipe.source) or recipe.name]
     args += ["--cluster", _rel(c.profile_path) or c.profile, "--nodes", str(c.nodes), "--gpus-per-node", str(c.gpus_per_node)]
     plan_keys = ("parallel.strategy", "parallel.offload", "train.micro_batch_size", "train.grad_accum",
-                 "train.gradient_checkpointing", "method", "train.precision", "train.cross_entropy")
+                 "train.gradient_checkpointing", "method", "train.precision", "train.cross_entropy",
+                 "train.activation_offloading")
     for s in sets:
         if s.split("=", 1)[0].strip() not in plan_keys:
             args += ["--set", s]
     vals = [c.strategy, c.offload, c.micro_batch_size, c.grad_accum, str(c.gradient_checkpointing).lower(), c.method,
-            c.precision, c.cross_entropy]
+            c.precision, c.cross_entropy, str(c.activation_offloading).lower()]
     for k, v in zip(plan_keys, vals):
         args += ["--set", f"{k}={v}"]
     return " ".join(shlex.quote(a) for a in args)
@@ -466,6 +479,7 @@ def plan(
     arch: Arch | None = None,
     allow_precisions: Sequence[str] = (),
     allow_cross_entropy: Sequence[str] = (),
+    allow_activation_offloading: bool = False,
 ) -> PlanResult:
     """The fastest (objective="time") or cheapest ("cost") candidate that fits and meets budget and deadline."""
     if objective not in ("time", "cost"):
@@ -476,7 +490,8 @@ def plan(
     if deadline_s is None and recipe.budget.max_hours is not None:
         deadline_s = recipe.budget.max_hours * 3600
     cands, skipped = enumerate_candidates(recipe, clusters, cluster_paths, max_gpus, allow_methods, spec, arch,
-                                          allow_precisions=allow_precisions, allow_cross_entropy=allow_cross_entropy)
+                                          allow_precisions=allow_precisions, allow_cross_entropy=allow_cross_entropy,
+                                          allow_activation_offloading=allow_activation_offloading)
     if not cands:
         why = "; ".join(skipped) or f"no GPU count divides the global batch of {global_batch(recipe)}"
         raise FtlError(f"nothing to plan for {recipe.name}: {why}")
@@ -576,7 +591,10 @@ def _change_groups(r: Recipe, strategy: str, world: int) -> list[list[Change]]:
     if smaller:
         groups.append([(f"micro-batch {m}", {"train.micro_batch_size": m}) for m in dict.fromkeys(smaller)])
     if r.task == "dapt" and t.cross_entropy == "standard":
-        groups.append([("chunked cross-entropy (no full logits)", {"train.cross_entropy": "chunked"})])
+        groups.append([("chunked cross-entropy (no full logits)", {"train.cross_entropy": "chunked"}),
+                       ("fused cross-entropy (Liger, CUDA)", {"train.cross_entropy": "fused"})])
+    if not t.activation_offloading:
+        groups.append([("activation offloading (saved activations in host RAM)", {"train.activation_offloading": True})])
     if t.precision == "bf16":
         groups.append([("bf16-pure (no fp32 master weights)", {"train.precision": "bf16-pure"})])
     if t.optimizer == "adamw":
@@ -688,17 +706,33 @@ def suggestions(est: Estimate, limit: int = 4) -> list[dict[str, Any]]:
                         "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes, "step_time_s": e.step_time_s}))
     ranked = sorted((s for _, s in fitting), key=lambda s: (s["step_time_s"] or math.inf, len(s["set"])))
     out = ranked[:limit]
-    if est.gpu is not None:  # the smallest catalog GPU with more memory that holds it
-        for g in sorted(gpus(), key=lambda k: gpus()[k]["memory_bytes_reported"]):
-            if gpus()[g]["memory_bytes_reported"] <= est.gpu.memory_bytes:
-                continue
-            e = estimate_arch(_with(r, {"cluster.gpu": g}), est.model, est.arch, strategy=est.strategy)
-            if e.fits:
-                out.append({"change": f"a GPU with more memory: {e.gpu.name}", "set": {"cluster.gpu": g},
-                            "sets": [f"cluster.gpu={g}"], "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
-                            "step_time_s": e.step_time_s})
-                break
+    bigger = bigger_gpu(est)
+    if bigger is not None:
+        out.append(bigger)
     return out
+
+
+def bigger_gpu(est: Estimate) -> dict[str, Any] | None:
+    """The catalog GPU with more memory that holds the recipe as it is, cheapest per GPU-hour at the shipped
+    prices (a GPU with no shipped price after every priced one, smaller memory first)."""
+    if est.gpu is None:
+        return None
+    r = est.recipe
+    table = gpus()
+
+    def price_order(k: str) -> tuple[float, int]:
+        p = lowest_shipped_price(k)
+        return (p[0] if p else math.inf, table[k]["memory_bytes_reported"])
+
+    for g in sorted((k for k in table if table[k]["memory_bytes_reported"] > est.gpu.memory_bytes), key=price_order):
+        e = estimate_arch(_with(r, {"cluster.gpu": g}), est.model, est.arch, strategy=est.strategy)
+        if e.fits:
+            p = lowest_shipped_price(g)
+            where = f" (${p[0]:.2f}/GPU-hour, {p[1]})" if p else " (no shipped price)"
+            return {"change": f"a GPU with more memory: {e.gpu.name}{where}", "set": {"cluster.gpu": g},
+                    "sets": [f"cluster.gpu={g}"], "peak_bytes": e.memory.peak, "usable_bytes": e.usable_bytes,
+                    "step_time_s": e.step_time_s, "price_per_gpu_hour": p[0] if p else None}
+    return None
 
 
 def _set_value(v: Any) -> str:

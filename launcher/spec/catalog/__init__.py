@@ -32,6 +32,17 @@ def models() -> dict[str, dict[str, Any]]:
 
 
 @lru_cache(maxsize=None)
+def lowest_shipped_price(gpu: str) -> tuple[float, str] | None:
+    """(USD per GPU-hour, "provider tier") of the cheapest shipped on-demand price of a GPU catalog key
+    (prices.yaml, dated per row; live prices are the cloud layer's), or None when none is shipped."""
+    rows = [(float(row["usd"]), f"{provider} {tier}")
+            for provider, doc in _load("prices.yaml").items() if isinstance(doc, dict)
+            for tier, table in (doc.get("tiers") or {}).items()
+            for key, row in (table or {}).items() if key == gpu]
+    return min(rows) if rows else None
+
+
+@lru_cache(maxsize=None)
 def gpus() -> dict[str, dict[str, Any]]:
     return _load("gpus.yaml")
 
