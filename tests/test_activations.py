@@ -78,6 +78,7 @@ class Case:
             bits.append(self.head)
         if self.tiles:
             bits.append("trl-head")
+        bits += [f"vocab{v}" for k, v in self.overrides if k == "vocab_size"]
         return "-".join(bits)
 
 
@@ -141,6 +142,9 @@ PEAK_CASES = [
     Case("llama", "lora", "bf16-pure"),
     Case("llama", "lora", batch=2, tiles=True),
     Case("llama", "full", tiles=True),
+    # a 32k vocabulary, where full logits would dominate: the chunked loss (TRL's fused head) keeps none
+    Case("llama", "lora", tiles=True, overrides=(("vocab_size", 32000),)),
+    Case("gpt2", "full", tiles=True, overrides=NO_ATTN_DROP + (("vocab_size", 32000),)),
 ]
 
 
