@@ -115,22 +115,30 @@ def test_sft_labels_are_masked_exactly_on_the_prompt(tmp_path, response_only):
             assert labels == ids
 
 
-def test_chat_prompt_is_the_template_up_to_the_last_assistant_turn(tmp_path):
-    run = make_run(tmp_path, method="lora", task="sft", data={"path": str(DATA / "chat.jsonl"), "max_seq_len": 512})
+@pytest.mark.parametrize("train_on", ["assistant", "last", "all"])
+def test_chat_labels_are_exactly_the_assistant_turns(tmp_path, train_on):
+    """Chat data through the trainer: TRL's labels are the input ids on the tokens of every assistant turn
+    (train_on assistant), the last one (last) or all of them (all), and -100 elsewhere; one bos."""
+    from launcher.train.chat import render
+
+    run = make_run(tmp_path, method="lora", task="sft",
+                   data={"path": str(DATA / "chat.jsonl"), "max_seq_len": 512, "train_on": train_on})
     s = session(run)
-    tok = s.tokenizer
+    tok, tr = s.tokenizer, s.trainer
     raw = [json.loads(line) for line in (DATA / "chat.jsonl").read_text().splitlines()]
-    ex = s.train_ds[0]
-    match = next(r for r in raw if r["messages"][-1]["content"] + tok.eos_token == ex["completion"])
-    want = tok.apply_chat_template(match["messages"][:-1], tokenize=False, add_generation_prompt=True)
-    assert want.startswith(tok.bos_token) and ex["prompt"] == want[len(tok.bos_token):]  # the tokenizer adds bos
-    assert ex["prompt"].endswith("<|assistant|>\n")
-    batch = s.trainer.data_collator([s.trainer.train_dataset[0]])
-    ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
-    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # one bos
-    n_prompt = len(tok(ex["prompt"]).input_ids)
-    assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
-    assert tok.decode(ids[n_prompt:]) == ex["completion"]
+    by_ids = {tuple(render(r["messages"], tok, tok.chat_template, train_on)[0]): r for r in raw}
+    for i in range(3):
+        batch = tr.data_collator([tr.train_dataset[i]])
+        ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # one bos
+        rec = by_ids[tuple(ids)]
+        trained = tok.decode([t for t, l in zip(ids, labels) if l != -100])
+        turns = [m["content"] + tok.eos_token for m in rec["messages"] if m["role"] == "assistant"]
+        if train_on == "all":
+            assert labels == ids
+        else:
+            assert trained == "".join(turns if train_on == "assistant" else turns[-1:])
+            assert all(l in (-100, t) for t, l in zip(ids, labels))
 
 
 @pytest.mark.parametrize("n,seq,stride,expected", [

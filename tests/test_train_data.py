@@ -52,6 +52,22 @@ def test_shipped_data_passes_for_its_task(task, file, kind, extra):
         assert set(rep.labels) == {"0", "1"}
 
 
+def test_sharegpt_and_a_named_schema(tmp_path):
+    """ShareGPT conversations are chat data of their own kind; data.schema picks a shape where a record
+    could be read two ways, and a schema the columns do not have is refused naming the columns."""
+    share = [{"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]
+    assert validate_data(recipe("sft", jsonl(tmp_path, "s.jsonl", share))).kind == "sharegpt"
+    both = [{"instruction": "2+2?", "output": "4", "prompt": "2+2?", "completion": "4"}]
+    p = jsonl(tmp_path, "both.jsonl", both)
+    assert validate_data(recipe("sft", p)).kind == "prompt-completion"  # auto: the first shape that fits
+    assert validate_data(recipe("sft", p, schema="alpaca")).kind == "alpaca"
+    with pytest.raises(FtlError, match="found columns"):
+        validate_data(recipe("sft", p, schema="messages"))
+    bad = [{"conversations": [{"from": "human", "value": "2+2?"}]}]
+    with pytest.raises(FtlError, match="the last turn must be the assistant's"):
+        validate_data(recipe("sft", jsonl(tmp_path, "b.jsonl", bad)))
+
+
 def test_prompt_completion_and_column_mapping(tmp_path):
     p = jsonl(tmp_path, "qa.jsonl", [{"question": "2+2?", "answer": "4"}, {"question": "3+3?", "answer": "6"}])
     rep = validate_data(recipe("sft", p, columns={"instruction": "question", "output": "answer"}))
@@ -145,7 +161,7 @@ def test_labels_are_checked(tmp_path):
 def test_chat_records_must_end_with_the_assistant(tmp_path):
     p = jsonl(tmp_path, "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
                                     {"messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(FtlError, match=r"c.jsonl: row 2: the last message must be the assistant's"):
+    with pytest.raises(FtlError, match=r"c.jsonl: row 2: the last turn must be the assistant's"):
         validate_data(recipe("sft", p))
 
 

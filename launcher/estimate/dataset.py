@@ -60,8 +60,8 @@ def _text_of(rec: Any, columns: dict[str, str], template: str | None = None) -> 
     wanted = set(columns.values()) | set(TEXT_FIELDS)
     parts: list[str] = []
     for k, v in rec.items():
-        if k == "messages" and isinstance(v, list):
-            parts += [str(m.get("content", "")) for m in v if isinstance(m, dict)]
+        if k in ("messages", "conversations") and isinstance(v, list):  # chat / ShareGPT turns
+            parts += [str(m.get("content", m.get("value", ""))) for m in v if isinstance(m, dict)]
         elif k in wanted and v is not None:
             parts.append(str(v))
     return "\n".join(parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args
@@ -127,6 +128,11 @@ class Freeze(_Strict):
     train_head: bool = True
 
 
+# `data.schema` is the recipe key users expect; pydantic warns that the field shadows BaseModel's deprecated
+# schema() classmethod, which ftl never calls
+warnings.filterwarnings("ignore", message='Field name "schema" in "Data" shadows', category=UserWarning)
+
+
 class Data(_Strict):
     path: str | None = Field(None, description="Local file/folder (relative to the recipe) or a hub dataset id.")
     format: Literal["auto", "jsonl", "json", "csv", "parquet", "txt", "hub"] = "auto"
@@ -141,6 +147,15 @@ class Data(_Strict):
     avg_tokens_per_example: float | None = Field(None, gt=0, le=2**24)
     columns: dict[str, str] = Field(default_factory=dict, description="Map ftl's field names to the dataset's columns.")
     prompt_template: str | None = None
+    schema: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion"] = Field(  # type: ignore[assignment]
+        "auto", description="The shape of an SFT example: alpaca (instruction/input/output), messages "
+        "(OpenAI-style chat), sharegpt (conversations of from/value), prompt_completion; auto detects it.")
+    chat_template: str | None = Field(None, description="Chat data: a template name the tokenizer knows, a Jinja "
+                                      "string, or a file (relative to the recipe); default: the tokenizer's own.")
+    train_on: Literal["assistant", "last", "all"] | None = Field(
+        None, description="Which tokens carry the loss: assistant (every assistant turn; for alpaca and "
+        "prompt/completion data, the completion), last (the last assistant turn), all (every token). Default: "
+        "assistant, or all when response_only_loss is false.")
     response_only_loss: bool = True
     label_map: dict[str, int] | None = None
 
@@ -148,6 +163,13 @@ class Data(_Strict):
     @classmethod
     def _path(cls, v: str | None) -> str | None:
         return path_text(v)
+
+    @property
+    def trains_on(self) -> str:
+        """data.train_on, with the older data.response_only_loss: false meaning all."""
+        if self.train_on is not None:
+            return self.train_on
+        return "assistant" if self.response_only_loss else "all"
 
 
 class Train(_Strict):
@@ -315,6 +337,9 @@ class Recipe(_Strict):
             raise FieldConflict("train.grad_accum", t.grad_accum,
                                 f"a step of micro_batch_size x grad_accum x GPUs x max_seq_len = {step_tokens:.3g} tokens "
                                 f"is beyond the {MAX_STEP_TOKENS:.3g} any optimizer step takes; lower one of them")
+        if d.train_on in ("assistant", "last") and "response_only_loss" in d.model_fields_set and not d.response_only_loss:
+            raise FieldConflict("data.train_on", d.train_on, "data.response_only_loss: false trains every token; "
+                                "drop response_only_loss (train_on says it) or set train_on: all")
         ce = self.train.cross_entropy
         if ce != "standard" and self.task == "classification":
             raise FieldConflict("train.cross_entropy", ce, "classification has no vocabulary logits to chunk; "
@@ -559,6 +584,9 @@ def recipe_from_dict(
         local = base / recipe.data.path
         if local.exists() or recipe.data.path.startswith((".", "/")) or recipe.data.format not in ("auto", "hub"):
             recipe.data.path = str(local.resolve())
+    tpl = recipe.data.chat_template
+    if tpl and "{{" not in tpl and "{%" not in tpl and not Path(tpl).is_absolute() and (base / tpl).is_file():
+        recipe.data.chat_template = str((base / tpl).resolve())  # a template file beside the recipe
     return recipe
 
 

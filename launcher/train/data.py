@@ -38,7 +38,8 @@ ROW_LIMIT = 10_000  # rows read by the check (labels are checked on these)
 COUNT_LIMIT_BYTES = 256 * 1024**2  # files up to this size are counted in full (a line count)
 
 TASK_FIELDS = {
-    "sft": "instruction + output (alpaca, optional input), or messages (chat), or prompt + completion",
+    "sft": "instruction + output (alpaca, optional input), or messages (chat), or conversations (ShareGPT), or "
+           "prompt + completion",
     "dapt": "text",
     "classification": "text + label",
     "dpo": "chosen + rejected (optional prompt)",
@@ -293,21 +294,25 @@ def fields_of(raw_columns: list[str], columns: dict[str, str], where: str) -> li
     return [ren.get(c, c) for c in raw_columns]
 
 
-def sft_kind(fields: list[str]) -> str | None:
+# data.schema -> (kind, the fields it needs)
+SFT_SCHEMAS = {"messages": ("chat", {"messages"}), "sharegpt": ("sharegpt", {"conversations"}),
+               "prompt_completion": ("prompt-completion", {"prompt", "completion"}),
+               "alpaca": ("alpaca", {"instruction", "output"})}
+
+
+def sft_kind(fields: list[str], schema: str = "auto") -> str | None:
+    """The kind of SFT example: data.schema's, or the first whose fields are all there (auto)."""
     f = set(fields)
-    if "messages" in f:
-        return "chat"
-    if {"prompt", "completion"} <= f:
-        return "prompt-completion"
-    if {"instruction", "output"} <= f:
-        return "alpaca"
+    for name, (kind, needs) in SFT_SCHEMAS.items():
+        if schema in ("auto", name) and needs <= f:
+            return kind
     return None
 
 
-def data_kind(task: str, fields: list[str]) -> str | None:
+def data_kind(task: str, fields: list[str], schema: str = "auto") -> str | None:
     f = set(fields)
     if task == "sft":
-        return sft_kind(fields)
+        return sft_kind(fields, schema)
     if task == "dapt":
         return "text" if "text" in f else None
     if task == "classification":
@@ -364,14 +369,16 @@ def _check_rows(path: Path, recipe: Recipe, fields: list[str], rows: list[dict[s
         report.labels = dict(sorted(counts.items()))
         if len(counts) < 2:
             report.notes.append(f"only one class among the first {len(canon)} rows")
-    if task == "sft" and report.kind == "chat":
+    if task == "sft" and report.kind in ("chat", "sharegpt"):
+        col, keys = ("messages", ("role", "content")) if report.kind == "chat" else ("conversations", ("from", "value"))
         for i, r in enumerate(canon[:200]):
-            msgs = r.get("messages")
-            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-                raise FtlError(f"{path}: row {i + 1}: 'messages' must be a list of {{role, content}} objects")
-            if msgs[-1].get("role") != "assistant":
-                raise FtlError(f"{path}: row {i + 1}: the last message must be the assistant's (it is the completion "
-                               f"trained on); found role {msgs[-1].get('role')!r}")
+            msgs = r.get(col)
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and all(k in m for k in keys) for m in msgs):
+                raise FtlError(f"{path}: row {i + 1}: '{col}' must be a list of {{{', '.join(keys)}}} objects")
+            last = msgs[-1].get(keys[0])
+            if (last if report.kind == "chat" else {"gpt": "assistant", "assistant": "assistant"}.get(str(last).lower(), last)) != "assistant":
+                raise FtlError(f"{path}: row {i + 1}: the last turn must be the assistant's (a conversation trains "
+                               f"on its assistant turns); found {keys[0]} {last!r}")
     needed = {"dapt": ["text"], "classification": ["text"], "dpo": ["chosen", "rejected"],
               "sft": {"alpaca": ["instruction", "output"], "prompt-completion": ["prompt", "completion"]}.get(report.kind, [])}[task]
     for i, r in enumerate(canon[:200]):
@@ -389,7 +396,7 @@ def _check_files(recipe: Recipe, fmt: str, files: list[Path], what: str) -> Data
     first = files[0]
     cols, rows, total = _rows(first, fmt, ROW_LIMIT)
     fields = fields_of(cols, d.columns if fmt != "txt" else {}, str(first))
-    kind = data_kind(task, fields)
+    kind = data_kind(task, fields, d.schema)
     if kind is None:
         mapped = f" (after data.columns {d.columns})" if d.columns else ""
         raise FtlError(f"{first}: task {task!r} needs columns {TASK_FIELDS[task]}; found columns {cols}{mapped}. "
@@ -400,7 +407,7 @@ def _check_files(recipe: Recipe, fmt: str, files: list[Path], what: str) -> Data
     for other in files[1:]:
         ocols, orows, ototal = _rows(other, fmt, min(ROW_LIMIT, 100))
         ofields = fields_of(ocols, d.columns if fmt != "txt" else {}, str(other))
-        if data_kind(task, ofields) != kind:
+        if data_kind(task, ofields, d.schema) != kind:
             raise FtlError(f"{other}: columns {ocols} differ from {first.name}'s {cols}; every file of the data must "
                            "have the same columns")
         _check_rows(other, recipe, ofields, orows, DataReport(str(other), fmt, task, kind))
@@ -497,7 +504,7 @@ def load_splits(recipe: Recipe):
     train = _rename(train, d.columns)
     if val is not None:
         val = _rename(val, d.columns)
-    kind = data_kind(recipe.task, train.column_names)
+    kind = data_kind(recipe.task, train.column_names, d.schema)
     if kind is None:
         raise FtlError(f"{d.path}: task {recipe.task!r} needs columns {TASK_FIELDS[recipe.task]}; found columns "
                        f"{train.column_names}")

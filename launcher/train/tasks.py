@@ -1,10 +1,11 @@
 """Per task: records -> examples, and the library trainer that trains them.
 
-* sft: TRL `SFTTrainer` on a prompt-completion dataset. Alpaca records are rendered with
-  `data.prompt_template` (or the Alpaca template) into the prompt, `output` is the completion; chat
-  `messages` become prompt = the chat template of every turn but the last assistant one (with the
-  generation prompt), completion = the last assistant content + eos. `data.response_only_loss`
-  is TRL's `completion_only_loss` (labels -100 on the prompt), else every token is trained.
+* sft: TRL `SFTTrainer`. Alpaca records are rendered with `data.prompt_template` (or the Alpaca
+  template) into the prompt, `output` is the completion (prompt + completion records as they are);
+  `data.train_on` other than `all` is TRL's `completion_only_loss` (labels -100 on the prompt).
+  Conversations (`messages`, ShareGPT `conversations`) are rendered with the chat template and
+  tokenized here with their loss mask (launcher/train/chat.py: every assistant turn, the last one,
+  or all), which TRL turns into labels.
 * dapt: the corpus is tokenized (bos + text + eos per document), concatenated and cut into windows
   of `max_seq_len` tokens every `stride` tokens (overlapping when stride < max_seq_len; the tail
   shorter than a window is dropped); `Trainer` with a causal-LM collator.
@@ -24,6 +25,7 @@ import torch
 
 from launcher.core.errors import FtlError
 from launcher.spec.recipe import Recipe
+from launcher.train.chat import messages_of, render, resolve_template
 from launcher.train.data import data_kind, map_label
 from launcher.spec.prompts import ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, alpaca_prompt  # noqa: F401
 
@@ -38,12 +40,10 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
-def chat_prompt(messages: list[dict[str, Any]], tokenizer) -> str:
+def chat_prompt(messages: list[dict[str, Any]], tokenizer, template: str | None = None) -> str:
     """The chat template of `messages` with the generation prompt, as text the tokenizer will tokenize."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise FtlError("chat data (messages) needs a tokenizer with a chat template; the model's tokenizer has none "
-                       "(add chat_template to tokenizer_config.json)")
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    template = template or resolve_template(None, tokenizer)
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and adds_bos(tokenizer):
         text = text[len(bos):]  # the tokenizer adds it again
@@ -55,12 +55,18 @@ def with_eos(text: str, tokenizer) -> str:
     return text if not eos or text.endswith(eos) else text + eos
 
 
-def sft_example(record: dict[str, Any], kind: str, recipe: Recipe, tokenizer) -> dict[str, str]:
-    if kind == "chat":
-        msgs = [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
-        if msgs[-1]["role"] != "assistant":
-            raise FtlError(f"a chat record must end with the assistant's turn; found role {msgs[-1]['role']!r}")
-        return {"prompt": chat_prompt(msgs[:-1], tokenizer), "completion": with_eos(str(msgs[-1]["content"]), tokenizer)}
+def chat_template(recipe: Recipe, tokenizer) -> str:
+    """data.chat_template (a file beside the recipe was made absolute at load) or the tokenizer's own."""
+    return resolve_template(recipe.data.chat_template, tokenizer)
+
+
+def sft_example(record: dict[str, Any], kind: str, recipe: Recipe, tokenizer, template: str | None = None) -> dict[str, Any]:
+    """One SFT example as TRL takes it: a conversation tokenized with its loss mask (`assistant_masks`, which
+    TRL turns into labels), else prompt + completion text."""
+    if kind in ("chat", "sharegpt"):
+        ids, mask = render(messages_of(record, kind), tokenizer, template or chat_template(recipe, tokenizer),
+                           recipe.data.trains_on)
+        return {"input_ids": ids, "assistant_masks": mask}
     if kind == "alpaca":
         return {"prompt": alpaca_prompt(record, recipe.data.prompt_template),
                 "completion": with_eos(str(record["output"]), tokenizer)}
@@ -69,8 +75,8 @@ def sft_example(record: dict[str, Any], kind: str, recipe: Recipe, tokenizer) ->
 
 def generation_prompt(recipe: Recipe, kind: str | None, tokenizer, text: str) -> str:
     """The prompt as training rendered it, for `ftl generate`."""
-    if recipe.task == "sft" and kind == "chat":
-        return chat_prompt([{"role": "user", "content": text}], tokenizer)
+    if recipe.task == "sft" and kind in ("chat", "sharegpt"):
+        return chat_prompt([{"role": "user", "content": text}], tokenizer, chat_template(recipe, tokenizer))
     if recipe.task == "sft" and kind == "alpaca":
         return alpaca_prompt({"instruction": text, "input": ""}, recipe.data.prompt_template)
     if recipe.task == "dpo" and recipe.data.prompt_template:
@@ -186,13 +192,14 @@ def hold_out(ds, fraction: float, seed: int):
 
 def prepare(recipe: Recipe, tokenizer, train_raw, val_raw):
     """(train, eval or None, kind) ready for the task's trainer."""
-    kind = data_kind(recipe.task, train_raw.column_names)
+    kind = data_kind(recipe.task, train_raw.column_names, recipe.data.schema)
+    template = chat_template(recipe, tokenizer) if kind in ("chat", "sharegpt") else None
 
     def convert(ds):
         if ds is None:
             return None
         if recipe.task == "sft":
-            return ds.map(lambda r: sft_example(r, kind, recipe, tokenizer), remove_columns=ds.column_names,
+            return ds.map(lambda r: sft_example(r, kind, recipe, tokenizer, template), remove_columns=ds.column_names,
                           desc="Rendering prompts")
         if recipe.task == "dapt":
             return dapt_dataset(ds, recipe, tokenizer)
@@ -236,7 +243,7 @@ def args_class(recipe: Recipe):
 def task_args(recipe: Recipe) -> dict[str, Any]:
     d = recipe.data
     if recipe.task == "sft":
-        return dict(max_length=d.max_seq_len, packing=d.packing, completion_only_loss=d.response_only_loss,
+        return dict(max_length=d.max_seq_len, packing=d.packing, completion_only_loss=d.trains_on != "all",
                     dataset_text_field="text")
     if recipe.task == "dpo":
         return dict(beta=recipe.dpo.beta, max_length=d.max_seq_len)
