@@ -36,7 +36,7 @@ from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
-from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate,
+from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate, render_preview,
                                 write_plot, check_plot_path)
 
 # an architecture without an analytic builder is probed once (seconds): say so while it runs
@@ -552,6 +552,33 @@ def generate(
     except FtlError as e:
         fail(e)
     sys.stdout.write(str(text) + "\n")
+
+
+@app.command()
+def preview(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (recipes/*.yaml)."),
+    n: int = typer.Option(3, "-n", "--examples", min=0, max=1000, help="How many training examples to show."),
+    sets: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
+) -> None:
+    """Show the first training examples exactly as the model sees them, the tokens that carry the loss
+    marked (colour in a terminal, [[brackets]] otherwise), and the dataset's token statistics.
+
+    It runs the trainer's own rendering and masking (chat templates, train_on, truncation at
+    data.max_seq_len), on this machine, without weights or a GPU.
+
+    Example: ftl preview recipes/quickstart.yaml --set data.path=data/chat.jsonl -n 2
+    """
+    try:
+        r = load_recipe(recipe, sets=sets)
+        run_preview = _train_helper("preview", "preview")
+        res = run_preview(r, n)
+    except FtlError as e:
+        fail(e)
+    if as_json:
+        sys.stdout.write(json.dumps(res.to_json(), indent=2, default=str) + "\n")
+    else:
+        render_preview(res.to_json(), color=console.is_terminal)
 
 
 @app.command()

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from launcher.backends.rental import instance_name
 from launcher.backends.slurm import submitted_script
@@ -271,3 +272,34 @@ def write_plot(res: PlanResult, path: str | Path, overwrite: bool = False) -> Pa
     finally:
         plt.close(fig)
     return path
+
+
+def render_preview(d: dict[str, Any], color: bool) -> None:
+    """ftl preview: each example with its trained tokens marked, then the statistics."""
+    for i, ex in enumerate(d["examples"], 1):
+        head = f"example {i}: {ex['tokens']:,} tokens"
+        if ex["truncated_tokens"]:
+            head += f", {ex['truncated_tokens']:,} cut by max_seq_len"
+        if ex.get("label") is not None:
+            head += f", label {ex['label']}"
+        console.rule(head, style="dim") if color else console.print(f"--- {head} ---", markup=False, highlight=False)
+        if color:
+            text = Text()
+            for seg in ex["segments"]:
+                text.append(seg["text"], style="bold green" if seg["trains"] else "dim")
+            console.print(text, soft_wrap=True)
+        else:
+            console.print("".join(f"[[{s['text']}]]" if s["trains"] else s["text"] for s in ex["segments"]),
+                          markup=False, highlight=False, soft_wrap=True)
+    st = d["stats"]
+    lines = [f"{d['kind']} data: {st['examples']:,} training examples, {st['held_out']:,} held out ({st['data']})"]
+    if st.get("tokens_total") is not None:
+        lines.append(f"tokens per example: min {st['tokens_min']:,}, median {st['tokens_median']:,.0f}, "
+                     f"p95 {st['tokens_p95']:,}, max {st['tokens_max']:,} ({st['tokens_total']:,} in all)")
+        lines.append(f"longer than max_seq_len {st['max_seq_len']:,}: {st['over_max_seq_len']:,} (truncated)")
+    if "packing_efficiency" in st:
+        lines.append(f"packing: {st['packing_efficiency']:.1%} of each packed row holds tokens")
+    if not color:
+        lines.append("[[...]]: tokens that carry the loss")
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)

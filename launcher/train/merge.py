@@ -51,7 +51,7 @@ def trained_dir(run_dir: Path, adapter: bool) -> Path:
 
 def base_model_path(run_dir: Path, recipe: Recipe) -> str:
     """The base weights training started from."""
-    from launcher.train.model import has_weights, resolve_source
+    from launcher.train.source import has_weights, resolve_source
 
     init = run_dir / "init"
     if has_weights(init):
@@ -66,7 +66,7 @@ def base_model_path(run_dir: Path, recipe: Recipe) -> str:
 def load_tokenizer_for(run_dir: Path, recipe: Recipe, trained: Path | None):
     from transformers import AutoTokenizer
 
-    from launcher.train.model import resolve_source
+    from launcher.train.source import resolve_source
 
     for cand in ([trained] if trained else []) + [run_dir / "output", run_dir / "init"]:
         if cand is not None and (cand / "tokenizer_config.json").is_file():

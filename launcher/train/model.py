@@ -29,7 +29,6 @@ import logging
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,46 +38,16 @@ from launcher.core.errors import FtlError
 from launcher.estimate.arch import SUPPORTED, ArchError, arch_from_config
 from launcher.estimate.probed import arch_from_inventory
 from launcher.estimate.params import modules_to_save, peft_target_modules, plan_params
-from launcher.spec.catalog import index as catalog_index
-from launcher.spec.catalog import models
 from launcher.spec.recipe import Recipe
 from launcher.train.adapters import lora_model
 from launcher.train.probe import inventory_of
+from launcher.train.source import ModelSource, has_weights
 
 log = logging.getLogger("ftl.train")
 
 DTYPES = {"bf16": torch.bfloat16, "bf16-pure": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json", "*.pt", "*.pth")
 FINAL_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "pooler", "pre_classifier")
 HEAD_NAMES = ("lm_head", "score", "classifier")
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    ref: str  # what the recipe says
-    path: str  # local folder or hub id to load from
-    local: bool
-    has_weights: bool
-
-
-def has_weights(folder: Path) -> bool:
-    return any(any(folder.glob(p)) for p in WEIGHT_PATTERNS)
-
-
-def resolve_source(ref: str) -> ModelSource:
-    """A local folder, a catalog name (-> its hub id) or a hub id."""
-    p = Path(ref).expanduser()
-    if (p / "config.json").is_file():
-        return ModelSource(ref, str(p.resolve()), True, has_weights(p))
-    if p.exists() or ref.startswith((".", "/", "~")):
-        raise FtlError(f"model = {ref!r}: {p} has no config.json; point 'model' at a folder saved with save_pretrained")
-    try:
-        key = catalog_index(models(), "hub_id").get(ref.lower())
-        if key and models()[key].get("hub_id"):
-            return ModelSource(ref, models()[key]["hub_id"], False, True)
-    except Exception:  # noqa: BLE001 - the catalog is a convenience here; a hub id still loads
-        pass
-    return ModelSource(ref, ref, False, True)
 
 
 def pure_bf16(recipe: Recipe) -> bool:
@@ -108,22 +77,6 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
 def qlora_compute_dtype(recipe: Recipe) -> torch.dtype:
     """quantization.compute_dtype, except that precision fp32 means fp32 throughout (as the estimate assumes)."""
     return torch.float32 if recipe.train.precision == "fp32" else DTYPES[recipe.quantization.compute_dtype]
-
-
-def load_tokenizer(src: ModelSource):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(src.path)
-    except (OSError, ValueError) as e:
-        raise FtlError(f"model = {src.ref!r}: no usable tokenizer at {src.path} ({str(e).splitlines()[0][:200]}); "
-                       "save one there with tokenizer.save_pretrained") from None
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise FtlError(f"model = {src.ref!r}: the tokenizer has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-        log.warning("the tokenizer has no pad token: padding with eos %r", tok.eos_token)
-    return tok
 
 
 def model_class(recipe: Recipe):

@@ -30,6 +30,7 @@ from launcher.core.files import write_json
 from launcher.core.procs import EXIT_INTERRUPTED, free_port
 from launcher.rundir import checkpoints
 from launcher.spec.recipe import STRATEGIES, Recipe
+from launcher.train.source import load_tokenizer, resolve_source
 
 log = logging.getLogger("ftl.train")
 
@@ -533,8 +534,8 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
         if not (resume / "COMPLETE").is_file():
             log.warning("resuming from %s, which has no COMPLETE marker (it may be partial)", resume)
 
-    src = M.resolve_source(recipe.model)
-    tokenizer = M.load_tokenizer(src)
+    src = resolve_source(recipe.model)
+    tokenizer = load_tokenizer(src)
 
     fsdp_layers = fsdp_layer_classes(recipe, src.path) if strategy == "fsdp" else None
     want_eval = bool(recipe.data.validation_split) or recipe.data.validation_fraction > 0

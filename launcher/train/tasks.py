@@ -21,7 +21,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 
 from launcher.core.errors import FtlError
 from launcher.spec.recipe import Recipe
@@ -127,7 +126,9 @@ class CausalLMCollator:
     def __init__(self, pad_token_id: int):
         self.pad = pad_token_id
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, "torch.Tensor"]:
+        import torch  # the torch boundary: `ftl preview` renders examples with this module and no torch
+
         n = max(len(f["input_ids"]) for f in features)
         ids = torch.full((len(features), n), self.pad, dtype=torch.long)
         labels = torch.full((len(features), n), -100, dtype=torch.long)
