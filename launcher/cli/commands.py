@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +36,7 @@ from launcher.rundir.cost import report
 from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
+from launcher.spec.axolotl import import_axolotl, read_axolotl
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
 from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate, render_preview,
                                 write_plot, check_plot_path)
@@ -579,6 +581,44 @@ def preview(
         sys.stdout.write(json.dumps(res.to_json(), indent=2, default=str) + "\n")
     else:
         render_preview(res.to_json(), color=console.is_terminal)
+
+
+import_app = typer.Typer(help="Turn another tool's config into an ftl recipe.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("axolotl")
+def import_axolotl_cmd(
+    config: Path = typer.Argument(..., help="An axolotl config (YAML)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the recipe here (default: standard output)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
+) -> None:
+    """Write an ftl recipe from an axolotl config: model, method, LoRA, data, hyper-parameters and
+    DeepSpeed/FSDP. Every key it converts or cannot map is listed on stderr and in a comment block
+    at the top of the recipe; nothing is dropped silently.
+
+    Example: ftl import axolotl examples/llama-3/qlora.yml -o recipes/my-qlora.yaml
+    """
+    try:
+        cfg = read_axolotl(config)
+        out_dir = (out.parent if out else Path.cwd())
+        if out is not None and out.exists() and not overwrite:
+            raise FtlError(f"--out {out}: the file exists; pass --overwrite to replace it, or choose another name")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", (out.stem if out else config.stem)) or "imported"
+        res = import_axolotl(cfg, config.resolve().parent, out_dir, name)
+        text = res.text(str(config))
+        if out is not None:
+            write_atomic(out, text)
+    except FtlError as e:
+        fail(e)
+    for line in res.converted:
+        err_console.print(f"converted: {line}", markup=False, highlight=False, soft_wrap=True)
+    for line in res.left_out:
+        err_console.print(f"not imported: {line}", markup=False, highlight=False, soft_wrap=True)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        console.print(f"wrote {out}: check it with ftl estimate {out}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
