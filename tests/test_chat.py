@@ -96,3 +96,25 @@ def test_templates_and_conversations_that_cannot_train_are_refused(tok, tmp_path
     f = tmp_path / "chatml.jinja"
     f.write_text(CHATML)
     assert resolve_template(str(f), tok) == CHATML and resolve_template(CHATML, tok) == CHATML
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["tokenizer's (marked)", "chatml"])
+def test_the_estimate_counts_chat_tokens_as_the_trainer_renders_them(tok, tmp_path, template):
+    """The estimator renders conversations without transformers (launcher/spec/chat_template.py): the same
+    text as the trainer's, character for character, and so the same token count, role tokens included."""
+    from launcher.estimate.dataset import count_local
+    from launcher.spec.chat_template import render as render_text
+    from launcher.spec.chat_template import template_text
+
+    sample = CHAT[:120] + [MULTI]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in sample))
+    tpl, special = template_text(template, TINY)
+    for msgs in sample:
+        assert render_text(tpl, msgs, special) == tok.apply_chat_template(msgs, chat_template=tpl, tokenize=False)
+    size = count_local(data, {}, str(TINY), chat_template=template)
+    trainer = sum(len(render(m, tok, tpl, "assistant")[0]) for m in sample)
+    assert size.examples == len(sample) and size.tokens == trainer, (size, trainer)
+    assert "through the chat template" in size.source
+    plain = sum(len(tok(m["content"]).input_ids) for msgs in sample for m in msgs)
+    assert size.tokens > plain  # the role headers and end markers count

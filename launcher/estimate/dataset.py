@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from launcher.spec.catalog import calibration
+from launcher.spec.chat_template import render, template_text
 from launcher.spec.prompts import alpaca_prompt
 from launcher.spec.recipe import Recipe
 
@@ -75,7 +76,25 @@ def _tokenizer(model_dir: str | None):
     return Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
 
 
-def count_local(path: Path, columns: dict[str, str], model_dir: str | None, template: str | None = None) -> DataSize | None:
+def _conversation(rec: Any, columns: dict[str, str]) -> list[dict[str, str]] | None:
+    """A record's chat turns as {role, content} (messages, or ShareGPT conversations), else None."""
+    if not isinstance(rec, dict):
+        return None
+    rec = {ours: rec[theirs] for ours, theirs in columns.items() if theirs in rec} | rec
+    if isinstance(rec.get("messages"), list):
+        return [{"role": str(m.get("role")), "content": str(m.get("content", ""))} for m in rec["messages"] if isinstance(m, dict)]
+    if isinstance(rec.get("conversations"), list):
+        roles = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "model": "assistant"}
+        return [{"role": roles.get(str(m.get("from")).lower(), str(m.get("from")).lower()), "content": str(m.get("value", ""))}
+                for m in rec["conversations"] if isinstance(m, dict)]
+    return None
+
+
+def count_local(path: Path, columns: dict[str, str], model_dir: str | None, template: str | None = None,
+                chat_template: str | None = None) -> DataSize | None:
+    """Examples and tokens of local files. Conversations are rendered with the chat template (data.chat_template
+    or the tokenizer's) as the trainer renders them, role headers and end-of-turn markers included, and
+    tokenized without added special tokens (the template writes them)."""
     # the files the trainer reads (launcher/train/data.py local_files): a folder's own, not its subfolders'
     # (a recursive walk of data.path: / would go through /proc)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
@@ -83,26 +102,38 @@ def count_local(path: Path, columns: dict[str, str], model_dir: str | None, temp
     if not files:
         return None
     tok = _tokenizer(model_dir)
+    chat_tpl, special = template_text(chat_template, model_dir)
     examples = 0
     tokens = 0
     chars = 0
-    texts: list[str] = []
+    texts: dict[bool, list[str]] = {True: [], False: []}  # by whether the tokenizer adds its special tokens
+    rendered = 0
+
+    def flush(add: bool) -> int:
+        n = sum(len(e.ids) for e in tok.encode_batch(texts[add], add_special_tokens=add))
+        texts[add].clear()
+        return n
+
     for f in files:
         for rec in _records(f):
             examples += 1
-            text = _text_of(rec, columns, template)
+            turns = _conversation(rec, columns) if chat_tpl else None
+            if turns:
+                text, add = render(chat_tpl, turns, special), False
+                rendered += 1
+            else:
+                text, add = _text_of(rec, columns, template), True
             if tok is None:
                 chars += len(text)
             else:
-                texts.append(text)
-                if len(texts) >= 1024:
-                    tokens += sum(len(e.ids) for e in tok.encode_batch(texts))
-                    texts.clear()
+                texts[add].append(text)
+                if len(texts[add]) >= 1024:
+                    tokens += flush(add)
+    how = f", {rendered:,} conversations through the chat template" if rendered else ""
     if tok is not None:
-        if texts:
-            tokens += sum(len(e.ids) for e in tok.encode_batch(texts))
-        return DataSize(examples, tokens, "counted with the model's tokenizer.json")
-    return DataSize(examples, math.ceil(chars / CHARS_PER_TOKEN), f"estimated from characters ({CHARS_PER_TOKEN:g} chars/token)")
+        tokens += flush(True) + flush(False)
+        return DataSize(examples, tokens, f"counted with the model's tokenizer.json{how}")
+    return DataSize(examples, math.ceil(chars / CHARS_PER_TOKEN), f"estimated from characters ({CHARS_PER_TOKEN:g} chars/token){how}")
 
 
 def data_size(recipe: Recipe, model_dir: str | None) -> DataSize:
@@ -112,7 +143,7 @@ def data_size(recipe: Recipe, model_dir: str | None) -> DataSize:
     if d.num_examples and d.avg_tokens_per_example:
         return DataSize(d.num_examples, math.ceil(d.num_examples * d.avg_tokens_per_example), "recipe num_examples × avg_tokens_per_example")
     if d.path and Path(d.path).exists():
-        counted = count_local(Path(d.path), d.columns, model_dir, d.prompt_template)
+        counted = count_local(Path(d.path), d.columns, model_dir, d.prompt_template, d.chat_template)
         if counted:
             return counted
     if d.num_examples:
