@@ -362,6 +362,28 @@ def test_dapt_chunked_cross_entropy_equals_the_standard_loss(tmp_path):
 
 
 @pytest.mark.slow
+def test_dpo_takes_chat_shaped_pairs(tmp_path):
+    """DPO on chat-shaped pairs (prompt, chosen and rejected as turns) with a chat template of the recipe's
+    own: TRL renders them with it, and the first step's loss is log 2 (policy = reference)."""
+    rows = [json.loads(line) for line in (DATA / "pairs.jsonl").read_text().splitlines()][:24]
+    chat = tmp_path / "chatpairs.jsonl"
+    chat.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": r["prompt"]}],
+                                        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                        "rejected": [{"role": "assistant", "content": r["rejected"]}]}) + "\n"
+                            for r in rows))
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    run = make_run(tmp_path, method="lora", task="dpo", data={"path": str(chat), "max_seq_len": 128, "chat_template": chatml},
+                   train={"max_steps": 2, "logging_steps": 1, "micro_batch_size": 2})
+    s = session(run)
+    assert s.tokenizer.chat_template == chatml
+    ex = s.trainer.train_dataset[0]
+    assert "<|im_start|>" in s.tokenizer.decode(ex["prompt_ids"])  # rendered with the recipe's template
+    assert run_inprocess(run) == 0
+    assert losses(run)[1] == pytest.approx(math.log(2), abs=1e-4)
+
+
+@pytest.mark.slow
 def test_classification_learns_a_separable_set(tmp_path):
     run = make_run(tmp_path, method="full", task="classification",
                    data={"path": str(DATA / "sentiment.csv"), "max_seq_len": 64, "validation_fraction": 0.1,

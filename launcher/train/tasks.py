@@ -195,6 +195,8 @@ def prepare(recipe: Recipe, tokenizer, train_raw, val_raw):
     """(train, eval or None, kind) ready for the task's trainer."""
     kind = data_kind(recipe.task, train_raw.column_names, recipe.data.schema)
     template = chat_template(recipe, tokenizer) if kind in ("chat", "sharegpt") else None
+    if recipe.task == "dpo" and recipe.data.chat_template:
+        tokenizer.chat_template = chat_template(recipe, tokenizer)  # what TRL renders chat-shaped pairs with
 
     def convert(ds):
         if ds is None:
@@ -206,7 +208,8 @@ def prepare(recipe: Recipe, tokenizer, train_raw, val_raw):
             return dapt_dataset(ds, recipe, tokenizer)
         if recipe.task == "classification":
             return classification_dataset(ds, recipe, tokenizer)
-        # dpo: prompt (optional) + chosen + rejected as they are; TRL extracts a shared prompt when absent
+        # dpo: prompt (optional) + chosen + rejected as they are (text, or chat turns that TRL renders with the
+        # tokenizer's template -- data.chat_template when given); TRL extracts a shared prompt when absent
         keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
         ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
         if "prompt" in keep and recipe.data.prompt_template:
