@@ -391,7 +391,7 @@ def arch_from_config(cfg: dict[str, Any], head: Head = "causal_lm", num_labels: 
     """Build the tensor inventory for `cfg` (a config.json dict) with the given output head."""
     mt = cfg.get("model_type")
     if mt in ENCODER_TYPES and head != "seq_cls":
-        raise ArchError(f"{mt} is an encoder: ftl trains it only for task 'classification'")
+        raise ArchError(f"{mt} is an encoder: ftl trains it only for tasks that score sequences (classification, reward)")
     builders = {"gpt2": _gpt2, "bert": _bert, "distilbert": _distilbert, **{t: _llama_like for t in LLAMA_LIKE}}
     if mt in builders:
         return replace(builders[mt](cfg, head, num_labels), dropout=dropout_from_config(cfg))

@@ -177,7 +177,7 @@ def _gpu_for(recipe: Recipe) -> tuple[GpuSpec | None, int | None, str]:
 
 
 def _head(recipe: Recipe) -> str:
-    return "seq_cls" if recipe.task == "classification" else "causal_lm"
+    return recipe.head
 
 
 def build_arch(recipe: Recipe, spec: ModelSpec) -> Arch:
@@ -193,8 +193,9 @@ def build_arch(recipe: Recipe, spec: ModelSpec) -> Arch:
 
 
 def _memory_recipe(recipe: Recipe) -> Recipe:
-    """DPO runs chosen and rejected through the model together: twice the sequences per micro-batch."""
-    if recipe.task != "dpo":
+    """DPO and reward models run chosen and rejected through the model together: twice the sequences per
+    micro-batch."""
+    if not recipe.pairs:
         return recipe
     r = recipe.model_copy(deep=True)
     r.train.micro_batch_size *= 2
@@ -220,7 +221,7 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
     if seqs is not None and not recipe.data.validation_split and recipe.data.validation_fraction and recipe.task != "dapt":
         seqs = max(1, int(seqs * (1 - recipe.data.validation_fraction)))
     global_batch = recipe.train.micro_batch_size * recipe.train.grad_accum * world
-    pairs = 2 if recipe.task == "dpo" else 1  # DPO: chosen and rejected per pair
+    pairs = 2 if recipe.pairs else 1  # DPO, reward: chosen and rejected per pair
     # Memory is estimated at max_seq_len (the longest batch); tokens, FLOPs and time at the
     # average sequence length of the data when it is known.
     tokens_per_step = global_batch * pairs * tok_per_seq
@@ -276,7 +277,7 @@ def estimate_arch(recipe: Recipe, spec: ModelSpec, arch: Arch, strategy: str, me
             if recipe.train.activation_offloading else False),
         "torch_compile": ("requested; compiled kernels are not modelled (memory and time are eager PyTorch's)"
                           if recipe.train.torch_compile else False),
-        "loss": ("none (classification head)" if arch.head != "causal_lm" else
+        "loss": ("none (a sequence-scoring head)" if arch.head != "causal_lm" else
                  "TRL's fused LM head: log-probabilities in tiles of 4096 tokens x 32768 vocabulary entries, no full logits"
                  if loss_in_tiles(recipe) else
                  "Liger Kernel's fused linear cross-entropy: the head and its gradients chunk by chunk in the forward "

@@ -89,7 +89,7 @@ def target_names(arch: Arch) -> list[str]:
 
 def modules_to_save(arch: Arch, recipe: Recipe) -> list[str]:
     names = list(recipe.lora.modules_to_save)
-    if recipe.task == "classification":
+    if recipe.head == "seq_cls":
         names += [n for n in CLASSIFIER_NAMES if n not in names]
     return names
 

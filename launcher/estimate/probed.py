@@ -287,7 +287,7 @@ def probe_arch(cfg: dict, head: Head, num_labels: int, recipe: Recipe | None = N
     path, answer = _load(cfg, head, num_labels, recipes=neighbours(recipe) if recipe is not None else [])
     arch = arch_from_inventory(answer, cfg, head, num_labels, str(path))
     if head == "causal_lm" and arch.encoder:
-        raise ProbeError(f"{cfg.get('model_type')} is an encoder: ftl trains it only for task 'classification'")
+        raise ProbeError(f"{cfg.get('model_type')} is an encoder: ftl trains it only for tasks that score sequences (classification, reward)")
     return arch
 
 

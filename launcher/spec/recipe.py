@@ -26,7 +26,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent  # launcher/
 BUILTIN_LOCAL_PROFILE = "local"
 
 Method = Literal["full", "freeze", "lora", "qlora"]
-Task = Literal["sft", "dapt", "classification", "dpo"]
+Task = Literal["sft", "dapt", "classification", "dpo", "reward"]
 Precision = Literal["bf16", "bf16-pure", "fp16", "fp32"]  # bf16: mixed (fp32 master weights); bf16-pure: bf16 throughout
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 CrossEntropy = Literal["standard", "chunked", "fused"]
@@ -341,8 +341,8 @@ class Recipe(_Strict):
             raise FieldConflict("data.train_on", d.train_on, "data.response_only_loss: false trains every token; "
                                 "drop response_only_loss (train_on says it) or set train_on: all")
         ce = self.train.cross_entropy
-        if ce != "standard" and self.task == "classification":
-            raise FieldConflict("train.cross_entropy", ce, "classification has no vocabulary logits to chunk; "
+        if ce != "standard" and self.head == "seq_cls":
+            raise FieldConflict("train.cross_entropy", ce, f"task '{self.task}' scores sequences, with no vocabulary logits to chunk; "
                                 "leave train.cross_entropy standard")
         if ce == "fused" and self.task != "dapt":
             # TRL 1.16's SFT trainer refuses Liger's fused linear cross-entropy (it patches the forward with its
@@ -354,7 +354,19 @@ class Recipe(_Strict):
 
     @property
     def num_labels(self) -> int:
+        if self.task == "reward":
+            return 1  # a reward model scores a sequence with one number
         return len(self.data.label_map) if self.data.label_map else 2
+
+    @property
+    def head(self) -> str:
+        """The output head the task trains: a sequence-classification head (classification, reward) or the LM head."""
+        return "seq_cls" if self.task in ("classification", "reward") else "causal_lm"
+
+    @property
+    def pairs(self) -> bool:
+        """True for tasks trained on preference pairs (chosen and rejected go through the model together)."""
+        return self.task in ("dpo", "reward")
 
     @property
     def effective_budget(self) -> Budget:

@@ -16,7 +16,7 @@ ftl's field names per task (a dataset's own names are mapped with `data.columns:
 | sft | `instruction` + `output` (+ `input`), or `messages` (chat), or `prompt` + `completion` |
 | dapt | `text` (a `.txt` file is one text) |
 | classification | `text` + `label` (strings mapped through `data.label_map`) |
-| dpo | `chosen` + `rejected` (+ `prompt`) |
+| dpo, reward | `chosen` + `rejected` (+ `prompt`) |
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ TASK_FIELDS = {
     "dapt": "text",
     "classification": "text + label",
     "dpo": "chosen + rejected (optional prompt)",
+    "reward": "chosen + rejected (optional prompt)",
 }
 
 
@@ -317,7 +318,7 @@ def data_kind(task: str, fields: list[str], schema: str = "auto") -> str | None:
         return "text" if "text" in f else None
     if task == "classification":
         return "labelled-text" if {"text", "label"} <= f else None
-    if task == "dpo":
+    if task in ("dpo", "reward"):
         return "preference" if {"chosen", "rejected"} <= f else None
     raise FtlError(f"task = {task!r}: unknown task")
 
@@ -379,7 +380,7 @@ def _check_rows(path: Path, recipe: Recipe, fields: list[str], rows: list[dict[s
             if (last if report.kind == "chat" else {"gpt": "assistant", "assistant": "assistant"}.get(str(last).lower(), last)) != "assistant":
                 raise FtlError(f"{path}: row {i + 1}: the last turn must be the assistant's (a conversation trains "
                                f"on its assistant turns); found {keys[0]} {last!r}")
-    needed = {"dapt": ["text"], "classification": ["text"], "dpo": ["chosen", "rejected"],
+    needed = {"dapt": ["text"], "classification": ["text"], "dpo": ["chosen", "rejected"], "reward": ["chosen", "rejected"],
               "sft": {"alpaca": ["instruction", "output"], "prompt-completion": ["prompt", "completion"]}.get(report.kind, [])}[task]
     for i, r in enumerate(canon[:200]):
         empty = [f for f in needed if r.get(f) is None or (isinstance(r.get(f), str) and not r.get(f).strip() and f != "completion")]
@@ -418,7 +419,7 @@ def _check_files(recipe: Recipe, fmt: str, files: list[Path], what: str) -> Data
 
 
 def _example_field(task: str) -> str:
-    return {"sft": "instruction", "dapt": "text", "classification": "text", "dpo": "chosen"}[task]
+    return {"sft": "instruction", "dapt": "text", "classification": "text", "dpo": "chosen", "reward": "chosen"}[task]
 
 
 def validate_data(recipe: Recipe) -> DataReport:

@@ -82,12 +82,14 @@ def qlora_compute_dtype(recipe: Recipe) -> torch.dtype:
 def model_class(recipe: Recipe):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
+    return AutoModelForSequenceClassification if recipe.head == "seq_cls" else AutoModelForCausalLM
 
 
 def config_kwargs(recipe: Recipe, tokenizer) -> dict[str, Any]:
     kw: dict[str, Any] = {}
-    if recipe.task == "classification":
+    if recipe.task == "reward":
+        kw.update(num_labels=1)  # one score per sequence (TRL's RewardTrainer requires it)
+    elif recipe.task == "classification":
         label_map = recipe.data.label_map or {str(i): i for i in range(recipe.num_labels)}
         kw.update(num_labels=recipe.num_labels, label2id=dict(label_map), id2label={int(v): k for k, v in label_map.items()})
     return kw
@@ -232,7 +234,7 @@ def freeze_modules(model, recipe: Recipe) -> list[tuple[str, torch.nn.Module]]:
             out.append((name, mod))
     if recipe.freeze.train_head:
         heads = [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in ("score", "classifier")]
-        if recipe.task != "classification" or not heads:
+        if recipe.head != "seq_cls" or not heads:
             head = model.get_output_embeddings()
             heads = [(n, m) for n, m in model.named_modules() if m is head] if head is not None else []
         out += heads
@@ -260,7 +262,7 @@ def apply_freeze(model, recipe: Recipe) -> list[str]:
 def lora_config(model, recipe: Recipe):
     from peft import LoraConfig
 
-    head = "seq_cls" if recipe.task == "classification" else "causal_lm"
+    head = recipe.head
     try:
         cfg = model.config.to_dict()
         if cfg.get("model_type") in SUPPORTED:
@@ -272,7 +274,7 @@ def lora_config(model, recipe: Recipe):
         save = modules_to_save(arch, recipe)
     except (ArchError, KeyError) as e:
         targets = recipe.lora.target_modules
-        save = list(recipe.lora.modules_to_save) + (["classifier", "score"] if recipe.task == "classification" else [])
+        save = list(recipe.lora.modules_to_save) + (["classifier", "score"] if recipe.head == "seq_cls" else [])
         log.warning("the estimator does not know this architecture (%s); passing target_modules=%r to PEFT as is", e, targets)
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     save = [s for s in save if s.rsplit(".", 1)[-1] in present] or None
@@ -285,7 +287,7 @@ def lora_config(model, recipe: Recipe):
         target_modules=targets,
         modules_to_save=save,
         bias="none",
-        task_type="SEQ_CLS" if recipe.task == "classification" else "CAUSAL_LM",
+        task_type="SEQ_CLS" if recipe.head == "seq_cls" else "CAUSAL_LM",
     )
 
 

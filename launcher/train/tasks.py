@@ -11,6 +11,8 @@
   shorter than a window is dropped); `Trainer` with a causal-LM collator.
 * classification: `Trainer` on a sequence-classification model; accuracy and macro-F1 in
   `compute_metrics` (numpy).
+* reward: TRL `RewardTrainer` on the same pairs as DPO: a sequence-classification head with one
+  output (the reward), Bradley-Terry loss on chosen vs rejected; it logs the pairwise accuracy.
 * dpo: TRL `DPOTrainer` with `beta = dpo.beta`. With LoRA the base model and the LoRA config go to
   TRL, so the reference is the same model with the adapter disabled (no second copy).
 """
@@ -195,7 +197,7 @@ def prepare(recipe: Recipe, tokenizer, train_raw, val_raw):
     """(train, eval or None, kind) ready for the task's trainer."""
     kind = data_kind(recipe.task, train_raw.column_names, recipe.data.schema)
     template = chat_template(recipe, tokenizer) if kind in ("chat", "sharegpt") else None
-    if recipe.task == "dpo" and recipe.data.chat_template:
+    if recipe.pairs and recipe.data.chat_template:
         tokenizer.chat_template = chat_template(recipe, tokenizer)  # what TRL renders chat-shaped pairs with
 
     def convert(ds):
@@ -208,7 +210,7 @@ def prepare(recipe: Recipe, tokenizer, train_raw, val_raw):
             return dapt_dataset(ds, recipe, tokenizer)
         if recipe.task == "classification":
             return classification_dataset(ds, recipe, tokenizer)
-        # dpo: prompt (optional) + chosen + rejected as they are (text, or chat turns that TRL renders with the
+        # dpo, reward: prompt (optional) + chosen + rejected as they are (text, or chat turns that TRL renders with the
         # tokenizer's template -- data.chat_template when given); TRL extracts a shared prompt when absent
         keep = [c for c in ("prompt", "chosen", "rejected") if c in ds.column_names]
         ds = ds.remove_columns([c for c in ds.column_names if c not in keep])
@@ -239,6 +241,10 @@ def args_class(recipe: Recipe):
         from trl import DPOConfig
 
         return DPOConfig
+    if recipe.task == "reward":
+        from trl import RewardConfig
+
+        return RewardConfig
     from transformers import TrainingArguments
 
     return TrainingArguments
@@ -251,6 +257,9 @@ def task_args(recipe: Recipe) -> dict[str, Any]:
                     dataset_text_field="text")
     if recipe.task == "dpo":
         return dict(beta=recipe.dpo.beta, max_length=d.max_seq_len)
+    if recipe.task == "reward":
+        # TRL's default disables dropout, which ftl's estimate (and the other tasks) keep as the config says
+        return dict(max_length=d.max_seq_len, disable_dropout=False)
     return {}
 
 
@@ -263,6 +272,10 @@ def trainer_class(recipe: Recipe):
         from trl import DPOTrainer
 
         return DPOTrainer
+    if recipe.task == "reward":
+        from trl import RewardTrainer
+
+        return RewardTrainer
     from transformers import Trainer
 
     return Trainer
