@@ -36,15 +36,45 @@ from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
-from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate,
-                                write_plot, check_plot_path)
+from launcher.cli.environment import environment
+from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_env,
+                                render_estimate, write_plot, check_plot_path)
 
 # an architecture without an analytic builder is probed once (seconds): say so while it runs
 probed.on_probe = lambda line: err_console.print(f"[dim]{escape(line)}[/dim]")
 
+# what help shows after an option instead of a Python type (<bool>, <list[Path]>): nothing after a flag
+METAVARS = {"int": "N", "float": "NUMBER", "Path": "PATH", "str": "TEXT", "bool": ""}
+
+
+def _plain_metavars(cmd: Any, ctx: Any, own: bool = False) -> None:
+    """Name each parameter's value the way a shell user reads it (RECIPE, N, PATH; nothing after a flag)."""
+    params = list(cmd.params if not own else [p for p in cmd.params if p.metavar is None])
+    help_opt = cmd.get_help_option(ctx)
+    for p in params + ([help_opt] if help_opt is not None else []):
+        if p.metavar is not None:
+            continue
+        bare = p.bare_type().removeprefix("list[").removesuffix("]")  # a repeatable option says so in its help
+        if p.param_type_name == "argument":
+            p.metavar = p.name.upper()
+            p.display_type_rich = lambda ctx: None  # the name (RECIPE, RUN) says it; typer would add <path>
+        else:
+            p.metavar = METAVARS.get(bare, "TEXT")
+
+
 class _OneLineErrors(TyperGroup):
     """A bad flag value, an unknown option or a missing argument reads as one line, like every other ftl
     error (`error: ...`, exit 2), instead of a usage panel."""
+
+    def get_command(self, ctx, cmd_name):  # type: ignore[override]
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _plain_metavars(cmd, ctx)
+        return cmd
+
+    def get_params(self, ctx):  # type: ignore[override]
+        _plain_metavars(self, ctx, own=True)
+        return super().get_params(ctx)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
@@ -68,11 +98,29 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     name="ftl",
     cls=_OneLineErrors,
-    help="Fine-tuning launcher: know whether a fine-tune fits, how long it takes and what it costs, then run it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print ftl's version and exit."),
+) -> None:
+    """Fine-tuning launcher: know whether a fine-tune fits, how long it takes and what it costs, then run it.
+
+    New here? ftl init quickstart (copies a recipe into this folder), then ftl launch quickstart.yaml.
+    """
+
+
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.micro_batch_size=4 (repeatable; cluster.* reaches the profile).")
 ClusterOpt = typer.Option(None, "--cluster", "-c", help="Cluster profile YAML (overrides the recipe's 'cluster').")
 GpusOpt = typer.Option(None, "--gpus-per-node", help="GPUs (or CPU processes without a GPU) per node.")
@@ -105,7 +153,7 @@ def estimate(
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json")) -> None:
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List the built-in model catalog (architectures known without a download)."""
 
     rows = []
@@ -128,7 +176,7 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command("gpus")
-def list_gpus(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_gpus(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List the GPU catalog: memory, dense TFLOPS, bandwidths, with sources."""
 
     rows = [find_gpu(k).__dict__ for k in catalog_gpus()]
@@ -177,11 +225,12 @@ def launch(
     submitit, one task per node; Ctrl-C stops following, the job keeps running), ssh (one launch per
     host over SSH, detached from the connection).
 
-    Examples:
+    Examples (in the folder ftl ships in; ftl init copies a recipe to yours):
+      ftl launch recipes/quickstart.yaml
       ftl launch recipes/smoke.yaml --gpus-per-node 2 --set parallel.strategy=zero3
-      ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2
-      ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2 --export job.sbatch
-      ftl launch recipes/smoke.yaml --cluster cluster/my-hosts.yaml --nodes 2
+      ftl launch recipes/smoke.yaml --cluster cluster/h100-2x8-ib.yaml --nodes 2 --dry-run
+      ftl launch recipes/smoke.yaml --cluster cluster/h100-2x8-ib.yaml --nodes 2 --export job.sbatch
+      ftl launch recipes/smoke.yaml --cluster cluster/ssh-2-hosts.yaml --nodes 2 --dry-run
       ftl launch recipes/smoke.yaml --cluster cluster/runpod-a100-80gb.yaml --budget 5 --deadline 2h
     """
 
@@ -325,7 +374,7 @@ def _run_row(run) -> dict[str, Any]:
 
 
 @app.command("runs")
-def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List runs (from the run directories under ./runs or $FTL_RUNS_DIR)."""
 
     try:
@@ -353,7 +402,7 @@ def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command("ps")
-def ps(as_json: bool = typer.Option(False, "--json")) -> None:
+def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """Every run under ./runs, whatever its backend (local, SLURM, SSH, rented), with where it runs; then the
     live rented instances (ftl-*) at each provider with an API key configured, with their running cost."""
     list_runs_cmd(as_json)
@@ -425,7 +474,7 @@ def _find(ref: Optional[str]):
 @app.command()
 def status(
     run: Optional[str] = typer.Argument(None, help="Run id or directory (default: the newest run)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Status of a run: state, plan, progress, newest complete checkpoint, result."""
 
@@ -556,8 +605,19 @@ def generate(
 
 @app.command()
 def version() -> None:
-    """Print ftl's version."""
-    console.print(__version__)
+    """Print ftl's version (also: ftl --version)."""
+    console.print(__version__, highlight=False)
+
+
+@app.command("env")
+def env_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """What a bug report needs: versions of ftl, Python and the training stack, CUDA and NCCL, the GPUs and driver,
+    whether sbatch and ssh exist, and which provider keys are set (never their values)."""
+    d = environment()
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+    else:
+        render_env(d)
 
 
 @app.command("prices")
@@ -566,7 +626,7 @@ def prices_cmd(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU catalog key or alias (ftl gpus)."),
     refresh: bool = typer.Option(False, "--refresh", help="Read live prices (RUNPOD_API_KEY / LAMBDA_API_KEY) and cache them."),
     clusters: Optional[list[Path]] = typer.Option(None, "--clusters", help="Also list the prices of these cluster profiles (files or folders)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """On-demand USD per GPU-hour by provider, with date and source; warns when older than 30 days."""
 
@@ -628,7 +688,7 @@ def prices_cmd(
 @app.command("report")
 def report_cmd(
     run: str = typer.Argument(..., help="Run id or directory."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Estimate vs actual for a run: memory, step time, total time, GPU-hours, cost."""
 
