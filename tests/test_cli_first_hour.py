@@ -8,12 +8,16 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import typer
+import yaml
 from typer.testing import CliRunner
 
 from launcher import __version__
 from launcher.cli import environment
 from launcher.cli.commands import app
+from launcher.spec.examples import _swap
+from launcher.spec.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,3 +114,71 @@ def test_env_survives_a_broken_torch(monkeypatch):
     assert facts["installed"] and "libcudart" in facts["error"]
     res = ftl("env")
     assert res.exit_code == 0 and "cannot be imported" in res.stdout, res.output
+
+
+# ---------------------------------------------------------------------------------------------
+# ftl init
+
+
+SHIPPED = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+
+
+def test_init_list_shows_every_example_on_one_line():
+    res = ftl("init", "--list")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == SHIPPED
+    assert all(len(line.split(None, 1)) == 2 for line in lines), lines  # a summary on each
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_init_copies_a_recipe_and_its_profile_with_paths_fixed(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = ftl("init", name)
+    assert res.exit_code == 0, res.output
+    copy, shipped = tmp_path / f"{name}.yaml", ROOT / "recipes" / f"{name}.yaml"
+    assert copy.read_text().splitlines()[0] == shipped.read_text().splitlines()[0]  # comments kept
+    a, b = load_recipe(copy), load_recipe(shipped)
+    assert (a.model, a.cluster) == (b.model, b.cluster)
+    if b.data.path and b.data.path.startswith("/") and not Path(b.data.path).exists():
+        assert a.data.path == str(tmp_path / Path(b.data.path).name)  # the user's own corpus/: beside the copy
+    else:
+        assert a.data.path == b.data.path  # shipped data, or a hub id
+    written = sorted(p.name for p in tmp_path.iterdir())
+    profile = [p for p in written if p != copy.name]
+    assert len(profile) == (1 if "cluster:" in shipped.read_text() else 0), written
+    assert f"wrote {copy.name}" in res.stderr
+
+
+def test_init_default_is_the_quickstart_and_it_estimates(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ftl("init").exit_code == 0
+    res = ftl("estimate", "quickstart.yaml", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["data"]["examples"]  # the shipped data was found and counted
+
+
+def test_init_never_overwrites_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama3-8b-qlora.yaml").write_text("mine\n")
+    res = ftl("init", "llama3-8b-qlora")
+    assert res.exit_code == 2 and "llama3-8b-qlora.yaml already exists" in res.stderr and "--overwrite" in res.stderr
+    assert (tmp_path / "llama3-8b-qlora.yaml").read_text() == "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama3-8b-qlora.yaml"]  # nor its profile
+    assert ftl("init", "llama3-8b-qlora", "--overwrite").exit_code == 0
+    assert load_recipe(tmp_path / "llama3-8b-qlora.yaml").name == "llama3-8b-qlora"
+
+
+def test_init_shares_an_identical_profile_and_names_unknown_examples(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ftl("init", "mistral-7b-lora-chat").exit_code == 0
+    res = ftl("init", "qwen2.5-0.5b-dapt")  # the same runpod-a100-80gb.yaml: already there, not a conflict
+    assert res.exit_code == 0, res.output
+    res = ftl("init", "lama3-8b")
+    assert res.exit_code == 2 and "Did you mean 'llama3-8b-qlora'?" in res.stderr and "ftl init --list" in res.stderr
+
+
+def test_a_path_that_needs_quotes_is_quoted():
+    text = _swap("name: x\ndata:\n  path: data/a.jsonl  # here\n", "path", "data/a.jsonl", "/my data/a: b.jsonl",
+                 after="data")
+    assert yaml.safe_load(text)["data"]["path"] == "/my data/a: b.jsonl" and "# here" in text

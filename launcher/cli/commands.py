@@ -33,6 +33,7 @@ from launcher.launch import expected, prepare_launch, prepare_resume, render_fil
 from launcher.rundir import find_run, list_runs, newest_run, runs_root
 from launcher.rundir.cost import report
 from launcher.spec.catalog import find_gpu, provider_facts
+from launcher.spec.examples import DEFAULT_EXAMPLE, examples, init_example
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
@@ -150,6 +151,34 @@ def estimate(
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
         render_estimate(d)
+
+
+@app.command()
+def init(
+    example: str = typer.Argument(DEFAULT_EXAMPLE, help="A shipped recipe to start from (ftl init --list)."),
+    list_examples: bool = typer.Option(False, "--list", help="List the examples, one line each."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files of the same name in this folder."),
+) -> None:
+    """Copy a shipped recipe (and the cluster profile it names) into this folder, its paths fixed to point at
+    the shipped model and data, so you edit your copy and never the package's. Writes no file that exists.
+
+    Example: ftl init quickstart
+    """
+    if list_examples:
+        known = examples()
+        width = max((len(n) for n in known), default=0)
+        for name, ex in known.items():
+            console.print(f"{name:<{width}}  {ex.summary}", markup=False, highlight=False, soft_wrap=True)
+        return
+    try:
+        written = init_example(example, overwrite=overwrite)
+    except FtlError as e:
+        fail(e)
+    for p in written:
+        err_console.print(f"wrote {escape(str(p))}", highlight=False)
+    recipe = written[0].name
+    err_console.print(f"next: ftl estimate {escape(recipe)}, then ftl launch {escape(recipe)} --dry-run "
+                      "(edit the copy; `ftl launch` it when the dry run looks right)", highlight=False, soft_wrap=True)
 
 
 @app.command()
