@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from launcher import __version__
 from launcher.cli import environment
 from launcher.cli.commands import app
+from launcher.core.procs import signal_words
 from launcher.spec.examples import _swap
 from launcher.spec.recipe import load_recipe
 
@@ -182,3 +184,67 @@ def test_a_path_that_needs_quotes_is_quoted():
     text = _swap("name: x\ndata:\n  path: data/a.jsonl  # here\n", "path", "data/a.jsonl", "/my data/a: b.jsonl",
                  after="data")
     assert yaml.safe_load(text)["data"]["path"] == "/my data/a: b.jsonl" and "# here" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# messages that point at the right thing
+
+
+QUICK = str(ROOT / "recipes" / "quickstart.yaml")
+
+
+@pytest.mark.parametrize("args,start", [
+    (["--nodes", "0"], "error: --nodes: cluster.nodes = 0: must be greater than 0"),
+    (["--gpus-per-node", "0"], "error: --gpus-per-node: cluster.gpus_per_node = 0: must be greater than 0"),
+    (["--set", "train.lr=-1"], "error: --set: train.lr = -1: must be greater than 0"),
+    (["--set", "trian.lr=1"], "error: --set: trian: unknown key. Did you mean 'train'?"),
+    (["--set", "cluster.price_per_gpu_hour=-1"], "error: --set: cluster.price_per_gpu_hour = -1:"),
+    (["--set", "method=qlora", "--set", "quantization.bits=8"], "error: --set: quantization.bits = 8: method 'qlora'"),
+    (["--cluster", "nope.yaml"], "error: --cluster nope.yaml: no cluster profile there;"),
+])
+def test_errors_from_flags_name_the_flag_not_the_recipe(args, start):
+    res = ftl("estimate", QUICK, *args)
+    assert res.exit_code == 2 and res.stderr.startswith(start), res.stderr
+    assert "quickstart.yaml" not in res.stderr
+
+
+def test_errors_in_a_profile_name_the_profile_and_its_own_key(tmp_path):
+    prof = tmp_path / "p.yaml"
+    prof.write_text("provider: local\nnodes: 0\n")
+    for extra in ([], ["--gpus-per-node", "1"]):  # a flag on another key does not move the blame
+        res = ftl("estimate", QUICK, "--cluster", str(prof), *extra)
+        assert res.exit_code == 2 and res.stderr.startswith(f"error: {prof}: nodes = 0:"), res.stderr
+
+
+def test_a_typod_section_names_the_key_not_its_content(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel: llama-3.2-1b\ntrian:\n  lr: 0.1\n  epochs: 2\n")
+    res = ftl("estimate", str(p))
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith(f"error: {p}: trian: unknown key. Did you mean 'train'?"), res.stderr
+    assert "epochs" not in res.stderr and "source" not in res.stderr  # nor ftl's own bookkeeping key
+
+
+@pytest.mark.parametrize("text,sentence", [
+    ("", "the file is empty; a recipe needs at least name: and model:"),
+    ("# only a comment\n", "the file is empty; a recipe needs at least name: and model:"),
+    ("- a\n- b\n", "holds a list, not a mapping of keys"),
+])
+def test_empty_and_odd_files_get_a_plain_sentence(tmp_path, text, sentence):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    res = ftl("estimate", str(p))
+    assert res.exit_code == 2 and res.stderr.strip().replace("\n", " ").startswith(f"error: {p}: {sentence}"), res.stderr
+    assert "NoneType" not in res.stderr and "(file)" not in res.stderr
+
+
+def test_a_missing_file_is_named_once():
+    res = ftl("estimate", "no-such-recipe.yaml")
+    assert res.exit_code == 2, res.output
+    err = " ".join(res.stderr.split())
+    assert err.startswith("error: no-such-recipe.yaml: no such file; check the path (ftl init --list") and \
+        err.count("no-such-recipe.yaml") == 1, err
+
+
+def test_ctrl_c_is_called_ctrl_c():
+    assert signal_words(signal.SIGINT) == "Ctrl-C" and signal_words(signal.SIGTERM) == "SIGTERM"

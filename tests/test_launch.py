@@ -107,8 +107,10 @@ def test_completed_waits_for_the_whole_process_group(tmp_path):
     assert not P.group_alive(run.state()["pgid"])
 
 
-def test_sigterm_is_forwarded_to_every_process(tmp_path):
-    """SIGTERM (or Ctrl-C) to ftl reaches the launcher and its ranks; the run is 'stopped'."""
+@pytest.mark.parametrize("sig,said", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_is_forwarded_to_every_process(tmp_path, sig, said):
+    """SIGTERM (or Ctrl-C) to ftl reaches the launcher and its ranks as SIGTERM; the run is 'stopped', and the log
+    calls Ctrl-C Ctrl-C."""
     run = _new_run(tmp_path)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -125,7 +127,7 @@ def test_sigterm_is_forwarded_to_every_process(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and run.log_path.read_text().count("ready") < 2:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)  # what `kill <ftl pid>` does; handled by wait()
+        os.kill(os.getpid(), sig)  # what `kill <ftl pid>` (or Ctrl-C) does; handled by wait()
 
     t = threading.Thread(target=stop_when_ready)
     t.start()
@@ -134,7 +136,7 @@ def test_sigterm_is_forwarded_to_every_process(tmp_path):
     assert status == "stopped"
     assert sorted(p.name for p in marks.iterdir()) == ["0", "1"]
     assert run.state()["status"] == "stopped"
-    assert "SIGTERM: asking run" in run.log_path.read_text()
+    assert f"{said}: asking run" in run.log_path.read_text()
 
 
 def test_cancel_and_logs_follow(tmp_path):

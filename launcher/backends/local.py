@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Iterator
 from launcher.backends.base import Backend, follow_file
 from launcher.core.errors import FtlError
 from launcher.core.files import utcnow
-from launcher.core.procs import group_alive, killpg, pid_alive, trap_signals
+from launcher.core.procs import group_alive, killpg, pid_alive, signal_words, trap_signals
 from launcher.render import LaunchSpec
 from launcher.rundir import ACTIVE, Run, local_status
 from launcher.rundir.cost import write_cost
@@ -166,7 +166,7 @@ class LocalBackend(Backend):
         def on_signal(signum, _frame):
             if handle.stop_signal is None:
                 handle.stop_signal = signum
-                self._say(handle, f"ftl: {signal.Signals(signum).name}: asking run {handle.run.id} to save a "
+                self._say(handle, f"ftl: {signal_words(signum)}: asking run {handle.run.id} to save a "
                                   "checkpoint and stop (again to kill it now)")
                 killpg(handle.proc.pid, signal.SIGTERM)
             else:

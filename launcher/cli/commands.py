@@ -24,6 +24,7 @@ from launcher.core.durations import format_duration as duration
 from launcher.core.durations import parse_duration
 from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
+from launcher.core.procs import signal_words
 from launcher.estimate import probed
 from launcher.estimate.arch import arch_from_config
 from launcher.estimate.search import check_caps
@@ -334,7 +335,8 @@ def launch(
         return
     if status == "stopped":
         ckpt = run.newest_checkpoint()
-        err_console.print(f"[yellow]run {run.id} stopped[/]; "
+        sig = getattr(handle, "stop_signal", None)
+        err_console.print(f"[yellow]run {run.id} stopped[/]" + (f" ({signal_words(sig)})" if sig else "") + "; "
                           + (f"continue it with: ftl launch --resume {run.id}" if ckpt else "it left no complete checkpoint"),
                           highlight=False)
         raise typer.Exit(128 + int(getattr(handle, "stop_signal", None) or 15))
