@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from launcher import __version__
+from launcher import __version__, launch
 from launcher.cli import environment
 from launcher.cli.commands import app
 from launcher.core.procs import signal_words
+from launcher.spec import catalog
 from launcher.spec.examples import _swap
 from launcher.spec.recipe import load_recipe
 
@@ -248,3 +250,101 @@ def test_a_missing_file_is_named_once():
 
 def test_ctrl_c_is_called_ctrl_c():
     assert signal_words(signal.SIGINT) == "Ctrl-C" and signal_words(signal.SIGTERM) == "SIGTERM"
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before anything starts
+
+
+DATA = ROOT / "recipes" / "data"
+
+
+def test_estimate_refuses_data_that_is_not_there(tmp_path):
+    res = ftl("estimate", QUICK, "--set", f"data.path={tmp_path / 'nope.jsonl'}", "--json")
+    assert res.exit_code == 2 and res.stdout == "", res.output
+    assert "data.path" in res.stderr and "no such file or folder" in res.stderr and "num_examples" in res.stderr
+
+
+def test_estimate_only_warns_when_the_recipe_gives_the_size(tmp_path):
+    res = ftl("estimate", QUICK, "--set", f"data.path={tmp_path / 'nope.jsonl'}", "--set", "data.num_examples=1000",
+              "--json")
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert len(d["warnings"]) == 1 and "no such file" in d["warnings"][0] and "warning:" in res.stderr
+    res = ftl("estimate", str(ROOT / "recipes" / "qwen2.5-0.5b-dapt.yaml"), "--json")  # its corpus/ is the user's
+    assert res.exit_code == 0 and "data.num_tokens" in json.loads(res.stdout)["warnings"][0], res.output
+    res = ftl("estimate", QUICK, "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["warnings"] == [], res.output
+
+
+def test_estimate_refuses_wrong_columns_as_launch_does():
+    args = [QUICK, "--set", f"data.path={DATA / 'pairs.jsonl'}"]
+    est, dry = ftl("estimate", *args), ftl("launch", *args, "--dry-run")
+    assert est.exit_code == dry.exit_code == 2, (est.output, dry.output)
+    assert "found columns ['prompt', 'chosen', 'rejected']" in est.stderr
+    assert est.stderr.split("error:")[1] == dry.stderr.split("error:")[1]
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """No offline flag and no proxy: the hub would be asked."""
+    for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FTL_OFFLINE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+              "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+
+    def no_fetch(*a, **k):
+        raise AssertionError("the hub was asked although it cannot be reached")
+
+    monkeypatch.setattr(catalog, "_fetch_config", no_fetch)
+
+
+def test_an_uncached_hub_id_fails_fast_when_the_hub_cannot_be_reached(online, monkeypatch):
+    """A lookup or connection that hangs is abandoned after HUB_PROBE_S; the fetch (whose retries took 24 s) is
+    never tried; the message says what to do."""
+
+    def hang(*a, **k):
+        time.sleep(30)
+
+    monkeypatch.setattr(catalog.socket, "create_connection", hang)
+    t = time.monotonic()
+    with pytest.raises(catalog.UnknownModel) as e:
+        catalog.resolve_model("Qwen/Qwen2.5-1.5B")
+    assert time.monotonic() - t < 10  # HUB_PROBE_S (1.5 s), with room for a loaded machine
+    msg = str(e.value)
+    assert "cannot be reached" in msg and "Did you mean 'Qwen/Qwen2.5-0.5B'?" in msg
+    assert "ftl models" in msg and "config.json" in msg
+
+
+def test_a_refused_connection_fails_at_once(online, monkeypatch):
+    def refuse(*a, **k):
+        raise ConnectionRefusedError(111, "refused")
+
+    monkeypatch.setattr(catalog.socket, "create_connection", refuse)
+    res = ftl("estimate", QUICK, "--set", "model=someone/unknown-model")
+    assert res.exit_code == 2 and "cannot be reached" in res.stderr, res.output
+
+
+@pytest.mark.parametrize("typo", ["Qwen/Qwen2.5-1.5B", "qwen2.5-1.5b", "llama-3.1-8", "meta-llama/Llama-3.1-7B",
+                                  "mistral-7", "gemma-2-9"])
+def test_did_you_mean_offers_only_names_that_resolve(typo):
+    with pytest.raises(catalog.UnknownModel) as e:
+        catalog.resolve_model(typo)  # HF_HUB_OFFLINE=1 in tests
+    m = re.search(r"Did you mean '([^']+)'\?", str(e.value))
+    assert m, str(e.value)
+    assert m.group(1) in catalog.model_names() and catalog.resolve_model(m.group(1)).origin == "catalog"
+
+
+def test_optional_packages_are_checked_before_a_dry_run(monkeypatch):
+    monkeypatch.setattr(launch, "installed", lambda module: False)
+    for key, value, extra in (("train.report_to", "wandb", "wandb"), ("train.report_to", "tensorboard", "tensorboard")):
+        res = ftl("launch", QUICK, "--set", f"{key}={value}", "--dry-run")
+        assert res.exit_code == 2 and "dry run" not in res.stdout, res.output
+        err = " ".join(res.stderr.split())
+        assert f"{key} = '{value}'" in err and "pip install" in err and f"[{extra}]'" in err, err
+
+
+def test_every_extra_named_is_in_pyproject():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for _modules, extra in launch.OPTIONAL_PACKAGES.values():
+        assert extra in extras, extra

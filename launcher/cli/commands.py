@@ -30,7 +30,7 @@ from launcher.estimate.arch import arch_from_config
 from launcher.estimate.search import check_caps
 from launcher.estimate.search import estimate as run_estimate
 from launcher.estimate.search import plan as run_plan
-from launcher.launch import expected, prepare_launch, prepare_resume, render_files, run_status, write_run
+from launcher.launch import check_estimate_data, expected, prepare_launch, prepare_resume, render_files, run_status, write_run
 from launcher.rundir import find_run, list_runs, newest_run, runs_root
 from launcher.rundir.cost import report
 from launcher.spec.catalog import find_gpu, provider_facts
@@ -145,9 +145,12 @@ def estimate(
 
     try:
         r = load_recipe(recipe, sets=sets, cluster=cluster, gpus_per_node=gpus_per_node, nodes=nodes)
-        d = run_estimate(r).to_json()
+        warnings = check_estimate_data(r)
+        d = {**run_estimate(r).to_json(), "warnings": warnings}
     except FtlError as e:
         fail(e)
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
