@@ -139,6 +139,19 @@ def test_sigterm_is_forwarded_to_every_process(tmp_path, sig, said):
     assert f"{said}: asking run" in run.log_path.read_text()
 
 
+def test_a_failed_run_says_the_trainers_own_error(tmp_path):
+    """The trainer's sentence (result.json) is the run's error, not 'the launch command exited with 1' with the
+    sentence buried in the log above a traceback."""
+    run = _new_run(tmp_path)
+    code = (f"import json, sys\nopen({str(run.result_path)!r}, 'w').write(json.dumps({{'status': 'failed', 'error': "
+            f"\"train.report_to = 'wandb' needs the wandb package\"}}))\nprint('Traceback (most recent call last):')\n"
+            "sys.exit(1)\n")
+    b = LocalBackend(echo=False)
+    assert b.wait(b.launch(run, spec=_spec(code, tmp_path))) == "failed"
+    err = run.state()["error"]
+    assert err.startswith("train.report_to = 'wandb' needs the wandb package (exit code 1; log: "), err
+
+
 def test_cancel_and_logs_follow(tmp_path):
     run = _new_run(tmp_path)
     b = LocalBackend(echo=False)
