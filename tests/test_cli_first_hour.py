@@ -348,3 +348,4 @@ def test_every_extra_named_is_in_pyproject():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for _modules, extra in launch.OPTIONAL_PACKAGES.values():
         assert extra in extras, extra
+
