@@ -30,13 +30,14 @@ from launcher.estimate.arch import arch_from_config
 from launcher.estimate.search import check_caps
 from launcher.estimate.search import estimate as run_estimate
 from launcher.estimate.search import plan as run_plan
-from launcher.launch import check_estimate_data, expected, prepare_launch, prepare_resume, render_files, run_status, write_run
+from launcher.launch import (check_estimate_data, expected, prepare_launch, prepare_resume, render_files, run_status,
+                             write_run)
 from launcher.rundir import find_run, list_runs, newest_run, runs_root
 from launcher.rundir.cost import report
 from launcher.spec.catalog import find_gpu, provider_facts
-from launcher.spec.examples import DEFAULT_EXAMPLE, examples, init_example
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
+from launcher.spec.examples import DEFAULT_EXAMPLE, examples, init_example
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
 from launcher.cli.environment import environment
 from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_env,
@@ -49,19 +50,17 @@ probed.on_probe = lambda line: err_console.print(f"[dim]{escape(line)}[/dim]")
 METAVARS = {"int": "N", "float": "NUMBER", "Path": "PATH", "str": "TEXT", "bool": ""}
 
 
-def _plain_metavars(cmd: Any, ctx: Any, own: bool = False) -> None:
+def _plain_metavars(cmd: Any, ctx: Any) -> None:
     """Name each parameter's value the way a shell user reads it (RECIPE, N, PATH; nothing after a flag)."""
-    params = list(cmd.params if not own else [p for p in cmd.params if p.metavar is None])
     help_opt = cmd.get_help_option(ctx)
-    for p in params + ([help_opt] if help_opt is not None else []):
+    for p in [*cmd.params, *([help_opt] if help_opt is not None else [])]:
         if p.metavar is not None:
             continue
-        bare = p.bare_type().removeprefix("list[").removesuffix("]")  # a repeatable option says so in its help
         if p.param_type_name == "argument":
             p.metavar = p.name.upper()
             p.display_type_rich = lambda ctx: None  # the name (RECIPE, RUN) says it; typer would add <path>
-        else:
-            p.metavar = METAVARS.get(bare, "TEXT")
+        else:  # a repeatable option (list[...]) says so in its help
+            p.metavar = METAVARS.get(p.bare_type().removeprefix("list[").removesuffix("]"), "TEXT")
 
 
 class _OneLineErrors(TyperGroup):
@@ -75,7 +74,7 @@ class _OneLineErrors(TyperGroup):
         return cmd
 
     def get_params(self, ctx):  # type: ignore[override]
-        _plain_metavars(self, ctx, own=True)
+        _plain_metavars(self, ctx)
         return super().get_params(ctx)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
@@ -342,7 +341,7 @@ def launch(
         err_console.print(f"[yellow]run {run.id} stopped[/]" + (f" ({signal_words(sig)})" if sig else "") + "; "
                           + (f"continue it with: ftl launch --resume {run.id}" if ckpt else "it left no complete checkpoint"),
                           highlight=False)
-        raise typer.Exit(128 + int(getattr(handle, "stop_signal", None) or 15))
+        raise typer.Exit(128 + int(sig or 15))
     why = st.get("error") or f"exit code {st.get('returncode')}; log: {run.log_path}"
     fail(FtlError(f"run {run.id} failed: {why}"))
 
