@@ -104,6 +104,19 @@ def test_env_reports_versions_tools_and_keys_never_their_values(monkeypatch):
     assert "rpa_secret_value_123" not in text.stdout
 
 
+def test_env_reads_the_driver_and_the_bitsandbytes_backend(monkeypatch):
+    """Without a GPU here: nvidia-smi and a CUDA torch are stand-ins; the parsing and the backend rule are real."""
+    out = "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\nNVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB\n"
+    monkeypatch.setattr(environment.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(environment.subprocess, "run",
+                        lambda *a, **k: environment.subprocess.CompletedProcess(a[0], 0, stdout=out, stderr=""))
+    d = environment.driver()
+    assert d["driver"] == "550.54.15" and [g["memory"] for g in d["gpus"]] == ["81559 MiB"] * 2
+    backend = environment.bitsandbytes_backend({"installed": True, "cuda": "12.8", "cuda_available": True})
+    assert backend.startswith("CUDA 12.8 (libbitsandbytes_cuda128") and "found" in backend
+    assert environment.bitsandbytes_backend({"installed": True, "hip": "6.4"}) == "ROCm"
+
+
 def test_env_survives_a_broken_torch(monkeypatch):
     """A torch that fails to import is reported, not raised."""
     real = __import__
@@ -275,6 +288,13 @@ def test_estimate_only_warns_when_the_recipe_gives_the_size(tmp_path):
     assert res.exit_code == 0 and "data.num_tokens" in json.loads(res.stdout)["warnings"][0], res.output
     res = ftl("estimate", QUICK, "--json")
     assert res.exit_code == 0 and json.loads(res.stdout)["warnings"] == [], res.output
+
+
+def test_estimate_refuses_data_it_cannot_read(monkeypatch):
+    """(Tests run as root here, so the permission is denied by a stand-in for os.access.)"""
+    monkeypatch.setattr(launch.os, "access", lambda path, mode: not str(path).endswith("alpaca.jsonl"))
+    res = ftl("estimate", QUICK)
+    assert res.exit_code == 2 and "cannot be read (permission denied)" in res.stderr, res.output
 
 
 def test_estimate_refuses_wrong_columns_as_launch_does():
