@@ -216,6 +216,8 @@ QUICK = str(ROOT / "recipes" / "quickstart.yaml")
     (["--set", "cluster.price_per_gpu_hour=-1"], "error: --set: cluster.price_per_gpu_hour = -1:"),
     (["--set", "method=qlora", "--set", "quantization.bits=8"], "error: --set: quantization.bits = 8: method 'qlora'"),
     (["--cluster", "nope.yaml"], "error: --cluster nope.yaml: no cluster profile there;"),
+    (["--set", "cluster.gpu=h101"], "error: --set: cluster.gpu = 'h101': not in the GPU catalog. Did you mean 'h100'?"),
+    (["--set", "model=Qwen/Qwen2.5-1.5B"], "error: --set: model = 'Qwen/Qwen2.5-1.5B': not cached here"),
 ])
 def test_errors_from_flags_name_the_flag_not_the_recipe(args, start):
     res = ftl("estimate", QUICK, *args)
@@ -229,6 +231,9 @@ def test_errors_in_a_profile_name_the_profile_and_its_own_key(tmp_path):
     for extra in ([], ["--gpus-per-node", "1"]):  # a flag on another key does not move the blame
         res = ftl("estimate", QUICK, "--cluster", str(prof), *extra)
         assert res.exit_code == 2 and res.stderr.startswith(f"error: {prof}: nodes = 0:"), res.stderr
+    prof.write_text("provider: local\ngpu: h101\n")  # found unknown by the estimate: named as the recipe key
+    res = ftl("estimate", QUICK, "--cluster", str(prof))
+    assert res.exit_code == 2 and res.stderr.startswith("error: cluster.gpu = 'h101': not in the GPU catalog"), res.stderr
 
 
 def test_a_typod_section_names_the_key_not_its_content(tmp_path):

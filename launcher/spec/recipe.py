@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher.core import useryaml
 from launcher.core.errors import FtlError, RecipeError, did_you_mean
 from launcher.core.useryaml import UserYamlError
+from launcher.spec.catalog import find_gpu, resolve_model
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # launcher/
 BUILTIN_LOCAL_PROFILE = "local"
@@ -598,7 +599,21 @@ def recipe_from_dict(
         local = base / recipe.data.path
         if local.exists() or recipe.data.path.startswith((".", "/")) or recipe.data.format not in ("auto", "hub"):
             recipe.data.path = str(local.resolve())
+
+    # a model or GPU named on the command line is looked up now (the estimate would, without naming the flag)
+    _look_up(flag_of("model"), resolve_model, recipe.model)
+    if recipe.cluster.gpu:
+        _look_up(flag_of("cluster.gpu"), find_gpu, recipe.cluster.gpu, field="cluster.gpu")
     return recipe
+
+
+def _look_up(flag: str | None, lookup: Any, *args: Any, **kwargs: Any) -> None:
+    """A catalog lookup of a value `flag` gave, its error prefixed with the flag; nothing without a flag."""
+    if flag:
+        try:
+            lookup(*args, **kwargs)
+        except FtlError as e:
+            raise FtlError(f"{flag}: {e}") from None
 
 
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:

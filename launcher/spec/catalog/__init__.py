@@ -187,11 +187,12 @@ class GpuSpec:
     source: str
 
 
-def find_gpu(ref: str) -> GpuSpec:
+def find_gpu(ref: str, field: str = "gpu") -> GpuSpec:
+    """The catalog entry of a GPU name or alias; FtlError naming `field` (as the user wrote it) when unknown."""
     idx = index(gpus())
     key = idx.get(ref.lower()) or idx.get(ref.lower().replace(" ", "-"))
     if not key:
-        raise FtlError(f"gpu = {ref!r}: not in the GPU catalog.{did_you_mean(ref, idx)} Known: {', '.join(gpus())}")
+        raise FtlError(f"{field} = {ref!r}: not in the GPU catalog.{did_you_mean(ref, idx)} Known: {', '.join(gpus())}")
     e = gpus()[key]
     return GpuSpec(
         key=key,
