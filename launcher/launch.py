@@ -7,9 +7,7 @@ goes into the run directory (what `ftl launch --dry-run` prints); `write_run` cr
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from launcher.render import (DEEPSPEED_STAGE, Plan, accelerate_config, available
                              redacted_recipe, to_json_text, to_yaml, train_spec)
 from launcher.rundir import Run, checkpoints, create_run_dir, find_run, initial_state, next_run_id, runs_root
 from launcher.spec.catalog import resolve_model
+from launcher.spec.packages import missing_packages
 from launcher.spec.recipe import Recipe, recipe_from_dict
 from launcher.train.data import is_hub
 from launcher.train.data import validate_data as trainer_validate_data
@@ -61,42 +60,10 @@ def check_local(recipe: Any, device: str, gpu_count: int) -> list[str]:
         raise FtlError(f"cluster.gpus_per_node = {cl.gpus_per_node}: this machine has {gpu_count} GPU(s); "
                        f"use --gpus-per-node {gpu_count} or fewer")
     warnings = check_cpu(recipe) if device == "cpu" else []
-    check_packages(recipe)  # on this machine only: the nodes of a remote launch have their own (their pre-flight)
+    missing = missing_packages(recipe)  # on this machine; the nodes of a remote launch check theirs (pre-flight)
+    if missing:
+        raise FtlError("; ".join(missing))
     return warnings
-
-
-# optional packages a recipe can ask for: (recipe key, value) -> (import names, any one will do; the extra of ftl's
-# pyproject.toml that installs them)
-OPTIONAL_PACKAGES: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
-    ("train.report_to", "wandb"): (("wandb",), "wandb"),
-    ("train.report_to", "tensorboard"): (("tensorboard", "tensorboardX"), "tensorboard"),
-    ("train.attn_implementation", "flash_attention_2"): (("flash_attn",), "flash-attn"),
-}
-
-
-def installed(module: str) -> bool:
-    """Whether `module` can be imported here, found without importing it."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def pip_line(extra: str) -> str:
-    """The command that installs ftl's `extra` into the Python running ftl (from its source when ftl runs from
-    one, as scripts/setup installs it)."""
-    root = Path(__file__).resolve().parent.parent
-    target = f"-e '{root}[{extra}]'" if (root / "pyproject.toml").is_file() else f"'ftl[{extra}]'"
-    return f"{sys.executable} -m pip install {target}"
-
-
-def check_packages(recipe: Any) -> None:
-    """The optional packages the recipe needs on this machine, checked before anything starts (dry runs too)."""
-    for (key, value), (modules, extra) in OPTIONAL_PACKAGES.items():
-        section, field = key.split(".")
-        if getattr(getattr(recipe, section), field) == value and not any(installed(m) for m in modules):
-            raise FtlError(f"{key} = {value!r} needs the {modules[0]} package, which is not installed: "
-                           f"{pip_line(extra)} (or set {key} to another value)")
 
 
 def check_cpu(recipe: Any) -> list[str]:

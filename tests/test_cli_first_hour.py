@@ -19,7 +19,7 @@ from launcher import __version__, launch
 from launcher.cli import environment
 from launcher.cli.commands import app
 from launcher.core.procs import signal_words
-from launcher.spec import catalog
+from launcher.spec import catalog, packages
 from launcher.spec.examples import _swap
 from launcher.spec.recipe import load_recipe
 
@@ -360,7 +360,7 @@ def test_did_you_mean_offers_only_names_that_resolve(typo):
 
 
 def test_optional_packages_are_checked_before_a_dry_run(monkeypatch):
-    monkeypatch.setattr(launch, "installed", lambda module: False)
+    monkeypatch.setattr(packages, "installed", lambda module: False)
     for key, value, extra in (("train.report_to", "wandb", "wandb"), ("train.report_to", "tensorboard", "tensorboard")):
         res = ftl("launch", QUICK, "--set", f"{key}={value}", "--dry-run")
         assert res.exit_code == 2 and "dry run" not in res.stdout, res.output
@@ -371,6 +371,6 @@ def test_optional_packages_are_checked_before_a_dry_run(monkeypatch):
 def test_every_extra_named_is_in_pyproject():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    for _modules, extra in launch.OPTIONAL_PACKAGES.values():
+    for _modules, extra in packages.OPTIONAL.values():
         assert extra in extras, extra
 

@@ -40,6 +40,7 @@ from launcher.core.files import read_json, utcnow, write_json
 from launcher.core.procs import EXIT_INTERRUPTED, EXIT_PREFLIGHT, free_port, group_alive, killpg, trap_signals
 from launcher.render import Plan, train_spec
 from launcher.rundir import Run, find_run
+from launcher.spec.packages import missing_packages
 from launcher.spec.recipe import recipe_from_dict
 
 SECRETS_VAR = "FTL_NODE_SECRETS"  # JSON of secret env, handed over by the SSH backend; never written
@@ -244,7 +245,8 @@ def meet(place: Place, facts: dict[str, Any], decide: Callable[[list[dict[str, A
 def preflight(run: Run, plan: Any, place: Place) -> dict[str, Any]:
     """Check this node and meet the others; returns node 0's answer {ok, error, resume_from}."""
     facts = node_facts(place)
-    facts["problems"] = own_problems(plan, facts)
+    # the optional packages the recipe needs, on this node (the launching machine cannot see them)
+    facts["problems"] = own_problems(plan, facts) + missing_packages(recipe_from_dict(run.recipe_dict(), run.recipe_path))
 
     def decide(gathered: list[dict[str, Any]]) -> dict[str, Any]:
         problems = compare(gathered)
