@@ -1,5 +1,6 @@
 """The first hour of a new user (issue 16): ftl --version, ftl env, help without Python types and with examples
-that run as written, ftl init, and messages that point at the right thing."""
+that run as written, ftl init, messages that point at the right thing, and the checks made before anything
+starts (data, hub ids offline, optional packages). No network: the hub's reachability is stood in for."""
 
 from __future__ import annotations
 
