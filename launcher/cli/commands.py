@@ -162,8 +162,10 @@ def init(
     list_examples: bool = typer.Option(False, "--list", help="List the examples, one line each."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace files of the same name in this folder."),
 ) -> None:
-    """Copy a shipped recipe (and the cluster profile it names) into this folder, its paths fixed to point at
-    the shipped model and data, so you edit your copy and never the package's. Writes no file that exists.
+    """Copy a shipped recipe (and the cluster profile it names) into this folder, to edit there.
+
+    The copy's paths point at the shipped model and data, so you edit your copy and never the package's.
+    No file that exists is replaced (--overwrite allows it).
 
     Example: ftl init quickstart
     """
@@ -436,8 +438,10 @@ def list_runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON
 
 @app.command("ps")
 def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
-    """Every run under ./runs, whatever its backend (local, SLURM, SSH, rented), with where it runs; then the
-    live rented instances (ftl-*) at each provider with an API key configured, with their running cost."""
+    """Every run under ./runs, whatever its backend, with where it runs; then the live rented instances.
+
+    Runs of every backend (local, SLURM, SSH, rented); then the instances named ftl-* at each provider with an
+    API key configured, with their running cost."""
     list_runs_cmd(as_json)
     if not as_json:
         _rented_table()
@@ -576,8 +580,9 @@ def logs(
 
 @app.command()
 def cancel(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
-    """Ask a run to save a checkpoint and stop: on every rank, on every node (SIGTERM; a pending SLURM job is
-    cancelled). Continue it later with ftl launch --resume RUN."""
+    """Ask a run to save a checkpoint and stop, on every rank of every node.
+
+    A pending SLURM job is cancelled. Continue the run later with ftl launch --resume RUN."""
     stop(run)
 
 
@@ -644,8 +649,12 @@ def version() -> None:
 
 @app.command("env")
 def env_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """What a bug report needs: versions of ftl, Python and the training stack, CUDA and NCCL, the GPUs and driver,
-    whether sbatch and ssh exist, and which provider keys are set (never their values)."""
+    """What a bug report needs: versions, GPUs, driver, tools and which keys are set (never their values).
+
+    Versions of ftl, Python and the training stack (torch with CUDA and NCCL, transformers, peft, trl,
+    accelerate, deepspeed, bitsandbytes and its backend, Liger), the GPUs and driver, whether sbatch and ssh
+    exist, and which provider keys are set. Paste it into a bug report.
+    """
     d = environment()
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
