@@ -53,6 +53,12 @@ def test_help_shows_no_python_types():
             assert word not in res.stdout, f"ftl {name} --help shows {word}:\n{res.stdout}"
 
 
+def test_help_prose_is_wrapped_by_the_terminal_not_the_docstring():
+    out = ftl("launch", "--help").stdout
+    assert "submitted through submitit" in out  # the docstring breaks the line between the two words
+    assert re.search(r"^\s+ftl launch recipes/quickstart.yaml\s*$", out, flags=re.M)  # examples keep their lines
+
+
 def _examples() -> list[list[str]]:
     """The example command lines of every command's help text, as argv."""
     group = typer.main.get_command(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -63,6 +64,18 @@ def _plain_metavars(cmd: Any, ctx: Any) -> None:
             p.metavar = METAVARS.get(p.bare_type().removeprefix("list[").removesuffix("]"), "TEXT")
 
 
+def _reflowed(text: str) -> str:
+    """A help text whose prose lines are joined, so the terminal wraps them (typer keeps a docstring's line
+    breaks after the first paragraph); indented lines (examples) and the line after a ':' keep their own."""
+    out: list[str] = []
+    for line in inspect.cleandoc(text).split("\n"):
+        if out and out[-1] and line and not line[0].isspace() and not out[-1].endswith(":"):
+            out[-1] += " " + line
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 class _OneLineErrors(TyperGroup):
     """A bad flag value, an unknown option or a missing argument reads as one line, like every other ftl
     error (`error: ...`, exit 2), instead of a usage panel."""
@@ -71,6 +84,7 @@ class _OneLineErrors(TyperGroup):
         cmd = super().get_command(ctx, cmd_name)
         if cmd is not None:
             _plain_metavars(cmd, ctx)
+            cmd.help = _reflowed(cmd.help or "")
         return cmd
 
     def get_params(self, ctx):  # type: ignore[override]
