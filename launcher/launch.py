@@ -24,7 +24,9 @@ from launcher.render import (DEEPSPEED_STAGE, Plan, accelerate_config, available
                              redacted_recipe, to_json_text, to_yaml, train_spec)
 from launcher.rundir import Run, checkpoints, create_run_dir, find_run, initial_state, next_run_id, runs_root
 from launcher.spec.catalog import resolve_model
+from launcher.spec.packages import missing_packages
 from launcher.spec.recipe import Recipe, recipe_from_dict
+from launcher.train.data import is_hub
 from launcher.train.data import validate_data as trainer_validate_data
 
 
@@ -57,7 +59,11 @@ def check_local(recipe: Any, device: str, gpu_count: int) -> list[str]:
     if device == "cuda" and cl.gpus_per_node > gpu_count:
         raise FtlError(f"cluster.gpus_per_node = {cl.gpus_per_node}: this machine has {gpu_count} GPU(s); "
                        f"use --gpus-per-node {gpu_count} or fewer")
-    return check_cpu(recipe) if device == "cpu" else []
+    warnings = check_cpu(recipe) if device == "cpu" else []
+    missing = missing_packages(recipe)  # on this machine; the nodes of a remote launch check theirs (pre-flight)
+    if missing:
+        raise FtlError("; ".join(missing))
+    return warnings
 
 
 def check_cpu(recipe: Any) -> list[str]:
@@ -116,6 +122,29 @@ def validate_data(recipe: Any) -> None:
         raise
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise FtlError(f"data.path = {recipe.data.path!r}: {e}") from None
+
+
+def check_estimate_data(recipe: Any) -> list[str]:
+    """What `ftl estimate` says about the data before estimating: a local path that is not there or cannot be
+    read is refused (FtlError) unless the recipe gives the size itself (data.num_examples / num_tokens: then a
+    warning, since only a launch needs the data); data with the wrong columns is refused as a launch refuses it.
+    No data.path and hub datasets: nothing to check here."""
+    d = recipe.data
+    if not d.path or is_hub(recipe):
+        return []
+    p = Path(d.path).expanduser()
+    problem = ("no such file or folder" if not p.exists() else
+               "cannot be read (permission denied)" if not os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0))
+               else None)
+    if problem is None:
+        validate_data(recipe)
+        return []
+    given = "data.num_tokens" if d.num_tokens else "data.num_examples" if d.num_examples else None
+    if given:
+        return [f"data.path = {d.path!r}: {problem}; the estimate takes the size from {given}, but a launch needs "
+                "the data there"]
+    raise FtlError(f"data.path = {d.path!r}: {problem}; fix the path (relative paths are relative to the recipe's "
+                   "folder), or give data.num_examples or data.num_tokens to estimate without the data")
 
 
 def prepare_launch(

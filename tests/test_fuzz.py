@@ -171,7 +171,7 @@ def test_mutated_plan_flags(runner, tmp_path_factory, flag, value):
 
 @pytest.mark.parametrize("args,words", [
     (["plan", "RECIPE", "--budget", "abc"], "Invalid value for '--budget'"),
-    (["estimate"], "Missing argument 'recipe'"),
+    (["estimate"], "Missing argument 'RECIPE'"),
     (["estimate", "RECIPE", "--nope"], "No such option: --nope"),
     (["estimate", "RECIPE", "--nodes", "two"], "Invalid value for '--nodes'"),
 ])

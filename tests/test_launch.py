@@ -107,8 +107,10 @@ def test_completed_waits_for_the_whole_process_group(tmp_path):
     assert not P.group_alive(run.state()["pgid"])
 
 
-def test_sigterm_is_forwarded_to_every_process(tmp_path):
-    """SIGTERM (or Ctrl-C) to ftl reaches the launcher and its ranks; the run is 'stopped'."""
+@pytest.mark.parametrize("sig,said", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_is_forwarded_to_every_process(tmp_path, sig, said):
+    """SIGTERM (or Ctrl-C) to ftl reaches the launcher and its ranks as SIGTERM; the run is 'stopped', and the log
+    calls Ctrl-C Ctrl-C."""
     run = _new_run(tmp_path)
     marks = tmp_path / "marks"
     marks.mkdir()
@@ -125,7 +127,7 @@ def test_sigterm_is_forwarded_to_every_process(tmp_path):
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and run.log_path.read_text().count("ready") < 2:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGTERM)  # what `kill <ftl pid>` does; handled by wait()
+        os.kill(os.getpid(), sig)  # what `kill <ftl pid>` (or Ctrl-C) does; handled by wait()
 
     t = threading.Thread(target=stop_when_ready)
     t.start()
@@ -134,7 +136,20 @@ def test_sigterm_is_forwarded_to_every_process(tmp_path):
     assert status == "stopped"
     assert sorted(p.name for p in marks.iterdir()) == ["0", "1"]
     assert run.state()["status"] == "stopped"
-    assert "SIGTERM: asking run" in run.log_path.read_text()
+    assert f"{said}: asking run" in run.log_path.read_text()
+
+
+def test_a_failed_run_says_the_trainers_own_error(tmp_path):
+    """The trainer's sentence (result.json) is the run's error, not 'the launch command exited with 1' with the
+    sentence buried in the log above a traceback."""
+    run = _new_run(tmp_path)
+    code = (f"import json, sys\nopen({str(run.result_path)!r}, 'w').write(json.dumps({{'status': 'failed', 'error': "
+            f"\"train.report_to = 'wandb' needs the wandb package\"}}))\nprint('Traceback (most recent call last):')\n"
+            "sys.exit(1)\n")
+    b = LocalBackend(echo=False)
+    assert b.wait(b.launch(run, spec=_spec(code, tmp_path))) == "failed"
+    err = run.state()["error"]
+    assert err.startswith("train.report_to = 'wandb' needs the wandb package (exit code 1; log: "), err
 
 
 def test_cancel_and_logs_follow(tmp_path):

@@ -8,10 +8,13 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
+from launcher.agent import node
 from launcher.backends.slurm import export_sbatch, sbatch_params, slurm_minutes
 from launcher.agent.node import Place, PreflightError, compare, meet, own_problems, slurm_port
-from launcher.spec.recipe import load_recipe
+from launcher.spec import packages
+from launcher.spec.recipe import dump_recipe, load_recipe
 from launcher.render import Plan, free_port
 from launcher.rundir import Run
 
@@ -62,6 +65,24 @@ def _meet_two(facts1: dict, timeout: float = 10):
     for t in threads:
         t.join(timeout + 10)
     return answers
+
+
+def test_preflight_checks_the_optional_packages_on_the_node(tmp_path, monkeypatch):
+    """The launching machine cannot see a node's packages: the node says report_to: wandb needs wandb, with the
+    pip line, before anything trains."""
+    run = Run("r", tmp_path / "r")
+    run.dir.mkdir()
+    recipe = load_recipe(SMOKE, sets=["train.report_to=wandb"])
+    run.recipe_path.write_text(yaml.safe_dump(dump_recipe(recipe)))
+    monkeypatch.setattr(node, "node_facts", lambda place: _facts(0, "a"))
+    monkeypatch.setattr(packages, "installed", lambda module: module != "wandb")
+    plan = Plan(strategy="ddp", world_size=1, nodes=1, gpus_per_node=1, device="cpu")
+    place = Place(rank=0, nodes=1, main_addr="127.0.0.1", port=0, name="a")
+    answer = node.preflight(run, plan, place)
+    assert answer["ok"] is False and "train.report_to = 'wandb' needs the wandb package" in answer["error"]
+    assert "pip install" in answer["error"] and answer["error"].startswith("node a (rank 0): ")
+    monkeypatch.setattr(packages, "installed", lambda module: True)
+    assert node.preflight(run, plan, place)["ok"] is True
 
 
 def test_meet_gathers_every_node_and_gives_all_the_same_answer():

@@ -100,7 +100,7 @@ def test_missing_name_and_bad_yaml(tmp_path):
         load_recipe(write(tmp_path / "a.yaml", {"model": "gpt2"}))
     with pytest.raises(RecipeError, match="not valid YAML at line"):
         load_recipe(write(tmp_path / "b.yaml", "name: x\n  model: [\n"))
-    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+    with pytest.raises(RecipeError, match="not a mapping of keys"):
         load_recipe(write(tmp_path / "c.yaml", "- a\n- b\n"))
     with pytest.raises(RecipeError, match="no such file"):
         load_recipe(tmp_path / "missing.yaml")

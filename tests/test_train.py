@@ -666,3 +666,13 @@ def test_two_processes_on_the_cpu(tmp_path, strategy):
         else:
             assert rep["optimizer_state_bytes"] < 8 * n * 0.6  # sharded: about half per rank
     assert (run / "output" / "model.safetensors").is_file()
+
+
+def test_the_trainer_does_not_name_ftls_stop_request_sigterm(capsys):
+    """After Ctrl-C (which ftl forwards as SIGTERM) the trainer says 'stop requested', not SIGTERM; SLURM's USR1
+    keeps its name."""
+    from launcher.train.callbacks import StopAndSave
+
+    for sig, said in ((signal.SIGTERM, "[ftl] stop requested: saving a checkpoint"), (signal.SIGUSR1, "[ftl] SIGUSR1:")):
+        StopAndSave("cpu")._handle(sig, None)
+        assert said in capsys.readouterr().err

@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import launcher
+from launcher.core.errors import FtlError
 from launcher.core.files import read_json, utcnow, write_json
 from launcher.core.procs import EXIT_INTERRUPTED, EXIT_PREFLIGHT, free_port, group_alive, killpg, trap_signals
 from launcher.render import Plan, train_spec
 from launcher.rundir import Run, find_run
+from launcher.spec.packages import missing_packages
 from launcher.spec.recipe import recipe_from_dict
 
 SECRETS_VAR = "FTL_NODE_SECRETS"  # JSON of secret env, handed over by the SSH backend; never written
@@ -241,10 +243,19 @@ def meet(place: Place, facts: dict[str, Any], decide: Callable[[list[dict[str, A
                          "NCCL_SOCKET_IFNAME/GLOO_SOCKET_IFNAME")
 
 
+def package_problems(run: Run) -> list[str]:
+    """The optional packages the run's recipe needs and this node lacks (the launching machine cannot see them);
+    a recipe that cannot be read is a problem too, reported like the others rather than raised."""
+    try:
+        return missing_packages(recipe_from_dict(run.recipe_dict(), run.recipe_path))
+    except FtlError as e:
+        return [f"cannot read the run's recipe: {e}"]
+
+
 def preflight(run: Run, plan: Any, place: Place) -> dict[str, Any]:
     """Check this node and meet the others; returns node 0's answer {ok, error, resume_from}."""
     facts = node_facts(place)
-    facts["problems"] = own_problems(plan, facts)
+    facts["problems"] = own_problems(plan, facts) + package_problems(run)
 
     def decide(gathered: list[dict[str, Any]]) -> dict[str, Any]:
         problems = compare(gathered)

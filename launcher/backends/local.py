@@ -24,8 +24,8 @@ from typing import Any, BinaryIO, Iterator
 
 from launcher.backends.base import Backend, follow_file
 from launcher.core.errors import FtlError
-from launcher.core.files import utcnow
-from launcher.core.procs import group_alive, killpg, pid_alive, trap_signals
+from launcher.core.files import read_json, utcnow
+from launcher.core.procs import group_alive, killpg, pid_alive, signal_words, trap_signals
 from launcher.render import LaunchSpec
 from launcher.rundir import ACTIVE, Run, local_status
 from launcher.rundir.cost import write_cost
@@ -166,7 +166,7 @@ class LocalBackend(Backend):
         def on_signal(signum, _frame):
             if handle.stop_signal is None:
                 handle.stop_signal = signum
-                self._say(handle, f"ftl: {signal.Signals(signum).name}: asking run {handle.run.id} to save a "
+                self._say(handle, f"ftl: {signal_words(signum)}: asking run {handle.run.id} to save a "
                                   "checkpoint and stop (again to kill it now)")
                 killpg(handle.proc.pid, signal.SIGTERM)
             else:
@@ -194,8 +194,14 @@ class LocalBackend(Backend):
         handle.log.write(f"===== ftl: run {status} (returncode {rc}) at {utcnow()} =====\n".encode())
         handle.log.close()
         error = None
-        if status == "failed":
-            error = f"the launch command exited with {rc}; see {handle.run.log_path}"
+        if status == "failed":  # the trainer's own sentence (result.json) beats an exit code buried under a traceback
+            try:
+                result = read_json(handle.run.result_path, {})
+            except FtlError:
+                result = {}
+            said = result.get("error") if isinstance(result, dict) else None
+            error = (f"{said} (exit code {rc}; log: {handle.run.log_path})" if isinstance(said, str) and said else
+                     f"the launch command exited with {rc}; see {handle.run.log_path}")
         handle.run.update_state(status=status, returncode=rc, ended=utcnow(), error=error)
         try:  # cost.json: wall time, GPU-hours and cost beside the estimate (ftl report); never fails a run
             write_cost(handle.run)

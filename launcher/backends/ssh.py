@@ -35,7 +35,7 @@ from launcher.agent.node import SECRETS_VAR, preflight_errors
 from launcher.backends.base import Backend, say
 from launcher.core.errors import FtlError
 from launcher.core.files import utcnow
-from launcher.core.procs import EXIT_INTERRUPTED, kill_tree, pid_alive, trap_signals
+from launcher.core.procs import EXIT_INTERRUPTED, kill_tree, pid_alive, signal_words, trap_signals
 from launcher.render import AGENT_MODULE, LaunchSpec
 from launcher.rundir import ACTIVE, Run
 from launcher.rundir.cost import write_cost
@@ -250,7 +250,7 @@ class SshBackend(Backend):
             if handle.stop_signal is None:
                 handle.stop_signal = signum
                 handle.run.update_state(stop_requested=utcnow())
-                self.say(handle, f"ftl: {signal.Signals(signum).name}: asking every node of run {handle.run.id} to save "
+                self.say(handle, f"ftl: {signal_words(signum)}: asking every node of run {handle.run.id} to save "
                                   "a checkpoint and stop (again to kill them now)")
                 self.signal_all(handle, signal.SIGTERM)
             else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import inspect
 import json
 import re
 import sys
@@ -25,28 +26,72 @@ from launcher.core.durations import format_duration as duration
 from launcher.core.durations import parse_duration
 from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
+from launcher.core.procs import signal_words
 from launcher.estimate import probed
 from launcher.estimate.arch import arch_from_config
 from launcher.estimate.search import check_caps
 from launcher.estimate.search import estimate as run_estimate
 from launcher.estimate.search import plan as run_plan
-from launcher.launch import expected, prepare_launch, prepare_resume, render_files, run_status, write_run
+from launcher.launch import (check_estimate_data, expected, prepare_launch, prepare_resume, render_files, run_status,
+                             write_run)
 from launcher.rundir import find_run, list_runs, newest_run, runs_root
 from launcher.rundir.cost import report
 from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
 from launcher.spec.axolotl import import_axolotl, read_axolotl
+from launcher.spec.examples import DEFAULT_EXAMPLE, examples, init_example
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
-from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_estimate, render_preview,
-                                write_plot, check_plot_path)
+from launcher.cli.environment import environment
+from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_env,
+                                render_estimate, render_preview, write_plot, check_plot_path)
 
 # an architecture without an analytic builder is probed once (seconds): say so while it runs
 probed.on_probe = lambda line: err_console.print(f"[dim]{escape(line)}[/dim]")
 
+# what help shows after an option instead of a Python type (<bool>, <list[Path]>): nothing after a flag
+METAVARS = {"int": "N", "float": "NUMBER", "Path": "PATH", "str": "TEXT", "bool": ""}
+
+
+def _plain_metavars(cmd: Any, ctx: Any) -> None:
+    """Name each parameter's value the way a shell user reads it (RECIPE, N, PATH; nothing after a flag)."""
+    help_opt = cmd.get_help_option(ctx)
+    for p in [*cmd.params, *([help_opt] if help_opt is not None else [])]:
+        if p.metavar is not None:
+            continue
+        if p.param_type_name == "argument":
+            p.metavar = p.name.upper()
+            p.display_type_rich = lambda ctx: None  # the name (RECIPE, RUN) says it; typer would add <path>
+        else:  # a repeatable option (list[...]) says so in its help
+            p.metavar = METAVARS.get(p.bare_type().removeprefix("list[").removesuffix("]"), "TEXT")
+
+
+def _reflowed(text: str) -> str:
+    """A help text whose prose lines are joined, so the terminal wraps them (typer keeps a docstring's line
+    breaks after the first paragraph); indented lines (examples) and the line after a ':' keep their own."""
+    out: list[str] = []
+    for line in inspect.cleandoc(text).split("\n"):
+        if out and out[-1] and line and not line[0].isspace() and not out[-1].endswith(":"):
+            out[-1] += " " + line
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
 class _OneLineErrors(TyperGroup):
     """A bad flag value, an unknown option or a missing argument reads as one line, like every other ftl
     error (`error: ...`, exit 2), instead of a usage panel."""
+
+    def get_command(self, ctx, cmd_name):  # type: ignore[override]
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _plain_metavars(cmd, ctx)
+            cmd.help = _reflowed(cmd.help or "")
+        return cmd
+
+    def get_params(self, ctx):  # type: ignore[override]
+        _plain_metavars(self, ctx)
+        return super().get_params(ctx)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
@@ -70,11 +115,29 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     name="ftl",
     cls=_OneLineErrors,
-    help="Fine-tuning launcher: know whether a fine-tune fits, how long it takes and what it costs, then run it.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(__version__, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print ftl's version and exit."),
+) -> None:
+    """Fine-tuning launcher: know whether a fine-tune fits, how long it takes and what it costs, then run it.
+
+    New here? ftl init quickstart (copies a recipe into this folder), then ftl launch quickstart.yaml.
+    """
+
+
 SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set train.micro_batch_size=4 (repeatable; cluster.* reaches the profile).")
 ClusterOpt = typer.Option(None, "--cluster", "-c", help="Cluster profile YAML (overrides the recipe's 'cluster').")
 GpusOpt = typer.Option(None, "--gpus-per-node", help="GPUs (or CPU processes without a GPU) per node.")
@@ -97,9 +160,12 @@ def estimate(
 
     try:
         r = load_recipe(recipe, sets=sets, cluster=cluster, gpus_per_node=gpus_per_node, nodes=nodes)
-        d = run_estimate(r).to_json()
+        warnings = check_estimate_data(r)
+        d = {**run_estimate(r).to_json(), "warnings": warnings}
     except FtlError as e:
         fail(e)
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
@@ -107,7 +173,37 @@ def estimate(
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json")) -> None:
+def init(
+    example: str = typer.Argument(DEFAULT_EXAMPLE, help="A shipped recipe to start from (ftl init --list)."),
+    list_examples: bool = typer.Option(False, "--list", help="List the examples, one line each."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files of the same name in this folder."),
+) -> None:
+    """Copy a shipped recipe (and the cluster profile it names) into this folder, to edit there.
+
+    The copy's paths point at the shipped model and data, so you edit your copy and never the package's.
+    No file that exists is replaced (--overwrite allows it).
+
+    Example: ftl init quickstart
+    """
+    if list_examples:
+        known = examples()
+        width = max((len(n) for n in known), default=0)
+        for name, ex in known.items():
+            console.print(f"{name:<{width}}  {ex.summary}", markup=False, highlight=False, soft_wrap=True)
+        return
+    try:
+        written = init_example(example, overwrite=overwrite)
+    except FtlError as e:
+        fail(e)
+    for p in written:
+        err_console.print(f"wrote {escape(str(p))}", highlight=False)
+    recipe = written[0].name
+    err_console.print(f"next: ftl estimate {escape(recipe)}, then ftl launch {escape(recipe)} --dry-run "
+                      "(edit the copy; `ftl launch` it when the dry run looks right)", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List the built-in model catalog (architectures known without a download)."""
 
     rows = []
@@ -130,7 +226,7 @@ def models(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command("gpus")
-def list_gpus(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_gpus(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List the GPU catalog: memory, dense TFLOPS, bandwidths, with sources."""
 
     rows = [find_gpu(k).__dict__ for k in catalog_gpus()]
@@ -179,11 +275,12 @@ def launch(
     submitit, one task per node; Ctrl-C stops following, the job keeps running), ssh (one launch per
     host over SSH, detached from the connection).
 
-    Examples:
+    Examples (in the folder ftl ships in; ftl init copies a recipe to yours):
+      ftl launch recipes/quickstart.yaml
       ftl launch recipes/smoke.yaml --gpus-per-node 2 --set parallel.strategy=zero3
-      ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2
-      ftl launch recipes/smoke.yaml --cluster cluster/my-slurm.yaml --nodes 2 --export job.sbatch
-      ftl launch recipes/smoke.yaml --cluster cluster/my-hosts.yaml --nodes 2
+      ftl launch recipes/smoke.yaml --cluster cluster/h100-2x8-ib.yaml --nodes 2 --dry-run
+      ftl launch recipes/smoke.yaml --cluster cluster/h100-2x8-ib.yaml --nodes 2 --export job.sbatch
+      ftl launch recipes/smoke.yaml --cluster cluster/ssh-2-hosts.yaml --nodes 2 --dry-run
       ftl launch recipes/smoke.yaml --cluster cluster/runpod-a100-80gb.yaml --budget 5 --deadline 2h
     """
 
@@ -258,10 +355,11 @@ def launch(
         return
     if status == "stopped":
         ckpt = run.newest_checkpoint()
-        err_console.print(f"[yellow]run {run.id} stopped[/]; "
+        sig = getattr(handle, "stop_signal", None)
+        err_console.print(f"[yellow]run {run.id} stopped[/]" + (f" ({signal_words(sig)})" if sig else "") + "; "
                           + (f"continue it with: ftl launch --resume {run.id}" if ckpt else "it left no complete checkpoint"),
                           highlight=False)
-        raise typer.Exit(128 + int(getattr(handle, "stop_signal", None) or 15))
+        raise typer.Exit(128 + int(sig or 15))
     why = st.get("error") or f"exit code {st.get('returncode')}; log: {run.log_path}"
     fail(FtlError(f"run {run.id} failed: {why}"))
 
@@ -327,7 +425,7 @@ def _run_row(run) -> dict[str, Any]:
 
 
 @app.command("runs")
-def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
+def list_runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """List runs (from the run directories under ./runs or $FTL_RUNS_DIR)."""
 
     try:
@@ -355,9 +453,11 @@ def list_runs_cmd(as_json: bool = typer.Option(False, "--json")) -> None:
 
 
 @app.command("ps")
-def ps(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Every run under ./runs, whatever its backend (local, SLURM, SSH, rented), with where it runs; then the
-    live rented instances (ftl-*) at each provider with an API key configured, with their running cost."""
+def ps(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
+    """Every run under ./runs, whatever its backend, with where it runs; then the live rented instances.
+
+    Runs of every backend (local, SLURM, SSH, rented); then the instances named ftl-* at each provider with an
+    API key configured, with their running cost."""
     list_runs_cmd(as_json)
     if not as_json:
         _rented_table()
@@ -427,7 +527,7 @@ def _find(ref: Optional[str]):
 @app.command()
 def status(
     run: Optional[str] = typer.Argument(None, help="Run id or directory (default: the newest run)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Status of a run: state, plan, progress, newest complete checkpoint, result."""
 
@@ -496,8 +596,9 @@ def logs(
 
 @app.command()
 def cancel(run: str = typer.Argument(..., help="Run id or directory.")) -> None:
-    """Ask a run to save a checkpoint and stop: on every rank, on every node (SIGTERM; a pending SLURM job is
-    cancelled). Continue it later with ftl launch --resume RUN."""
+    """Ask a run to save a checkpoint and stop, on every rank of every node.
+
+    A pending SLURM job is cancelled. Continue the run later with ftl launch --resume RUN."""
     stop(run)
 
 
@@ -623,8 +724,23 @@ def import_axolotl_cmd(
 
 @app.command()
 def version() -> None:
-    """Print ftl's version."""
-    console.print(__version__)
+    """Print ftl's version (also: ftl --version)."""
+    console.print(__version__, highlight=False)
+
+
+@app.command("env")
+def env_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """What a bug report needs: versions, GPUs, driver, tools and which keys are set (never their values).
+
+    Versions of ftl, Python and the training stack (torch with CUDA and NCCL, transformers, peft, trl,
+    accelerate, deepspeed, bitsandbytes and its backend, Liger), the GPUs and driver, whether sbatch and ssh
+    exist, and which provider keys are set. Paste it into a bug report.
+    """
+    d = environment()
+    if as_json:
+        sys.stdout.write(json.dumps(d, indent=2) + "\n")
+    else:
+        render_env(d)
 
 
 @app.command("prices")
@@ -633,7 +749,7 @@ def prices_cmd(
     gpu: Optional[str] = typer.Option(None, "--gpu", help="A GPU catalog key or alias (ftl gpus)."),
     refresh: bool = typer.Option(False, "--refresh", help="Read live prices (RUNPOD_API_KEY / LAMBDA_API_KEY) and cache them."),
     clusters: Optional[list[Path]] = typer.Option(None, "--clusters", help="Also list the prices of these cluster profiles (files or folders)."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """On-demand USD per GPU-hour by provider, with date and source; warns when older than 30 days."""
 
@@ -695,7 +811,7 @@ def prices_cmd(
 @app.command("report")
 def report_cmd(
     run: str = typer.Argument(..., help="Run id or directory."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Estimate vs actual for a run: memory, step time, total time, GPU-hours, cost."""
 

@@ -106,6 +106,33 @@ def render_estimate(d: dict[str, Any]) -> None:
         console.print(f"[yellow]{escape(d['price_note'])}[/]", soft_wrap=True)
 
 
+def render_env(d: dict[str, Any]) -> None:
+    """`ftl env` as plain `name: value` lines, the form that pastes well into a bug report."""
+    t = d["torch"]
+    if not t.get("installed"):
+        build = "not installed"
+    elif t.get("error") and "cuda" not in t:
+        build = f"cannot be imported ({t['error']})"
+    else:
+        build = (f"ROCm {t['hip']}" if t.get("hip") else f"CUDA {t['cuda']}" if t.get("cuda") else "CPU build") + (
+            f"; {len(t['gpus'])} GPU(s) visible" if t.get("cuda_available") else "; no GPU visible")
+        if t.get("error"):
+            build += f" ({t['error']})"
+    gpus = [f"{g['name']} ({gib(g['memory_bytes'])})" for g in t.get("gpus") or []] or [
+        f"{g['name']} ({g['memory']})" for g in d["nvidia"]["gpus"]]
+    lines = [("ftl", d["ftl"]), ("python", f"{d['python']} ({d['python_executable']})"), ("platform", d["platform"])]
+    lines += [(name, v) for name, v in d["packages"].items()]
+    lines += [("torch build", build), ("nccl", t.get("nccl") or "—"),
+              ("bitsandbytes backend", d["bitsandbytes_backend"] or "—"),
+              ("nvidia driver", d["nvidia"]["driver"] or d["nvidia"].get("error") or "no nvidia-smi"),
+              ("gpus", ", ".join(gpus) or "none")]
+    lines += [(tool, path or "not found") for tool, path in d["tools"].items()]
+    lines += [(name, state) for name, state in d["keys"].items()]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        console.print(f"{k + ':':<{width + 1}} {v}", markup=False, highlight=False, soft_wrap=True)
+
+
 def launch_summary(p: Prepared) -> dict[str, Any]:
     r, plan = p.recipe, p.plan
     e = plan.estimate or {}

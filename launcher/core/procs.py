@@ -21,6 +21,12 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM: the trainer stopped on request after wr
 EXIT_PREFLIGHT = 3  # a node's pre-flight failed; nothing trained
 
 
+def signal_words(signum: int) -> str:
+    """A stop signal as the user caused it: Ctrl-C for SIGINT (never 'SIGINT', nor the SIGTERM ftl forwards),
+    else its name (SIGTERM, SIGHUP)."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False

@@ -163,7 +163,7 @@ def detect_gpu() -> tuple[str, int] | None:
 
 def _gpu_for(recipe: Recipe) -> tuple[GpuSpec | None, int | None, str]:
     if recipe.cluster.gpu:
-        g = find_gpu(recipe.cluster.gpu)
+        g = find_gpu(recipe.cluster.gpu, field="cluster.gpu")
         return g, g.memory_bytes, "cluster profile"
     if recipe.cluster.provider == "local":
         found = detect_gpu()

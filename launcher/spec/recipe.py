@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher.core import useryaml
 from launcher.core.errors import FtlError, RecipeError, did_you_mean
 from launcher.core.useryaml import UserYamlError
+from launcher.spec.catalog import find_gpu, resolve_model
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # launcher/
 BUILTIN_LOCAL_PROFILE = "local"
@@ -380,14 +381,32 @@ class Recipe(_Strict):
 # Loading
 
 
+class FileProblem(RecipeError):
+    """A problem with a whole file (missing, empty, not a mapping) or a whole section (a typo'd key over a
+    mapping): one plain sentence naming the file and the key, without a value to show."""
+
+    def __init__(self, file: str, sentence: str, field: str | None = None):
+        self.file, self.field, self.value, self.fix = file, field or "(file)", None, sentence
+        Exception.__init__(self, f"{file}: {field + ': ' if field else ''}{sentence}")
+
+
+# what each kind of file needs at least, and where the shipped ones are (said when a file is missing or empty)
+_NEEDS = {"recipe": ("a recipe needs at least name: and model:", "ftl init --list shows the shipped recipes"),
+          "cluster": ("a cluster profile holds keys such as provider: and gpu:", "the shipped profiles are in {}")}
+_KINDS = {list: "a list", str: "a single value", int: "a number", float: "a number", bool: "true or false"}
+
+
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     try:
         path_text(str(path))
         found = path.is_file()
     except (ValueError, OSError) as e:
         raise RecipeError("", what, str(path), f"not a usable path: {e}") from None
+    needs, shipped = _NEEDS.get(what, _NEEDS["recipe"])
     if not found:
-        raise RecipeError(str(path), what, str(path), "no such file; check the path")
+        if path.is_dir():
+            raise FileProblem(str(path), f"is a folder; give a {what} YAML file")
+        raise FileProblem(str(path), f"no such file; check the path ({shipped.format(builtin_cluster_dir())})")
     try:
         data = useryaml.read(path)
     except UserYamlError as e:
@@ -399,8 +418,11 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise RecipeError(str(path), "(file)", path.name, f"not valid YAML{line}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise FileProblem(str(path), f"the file is empty; {needs}")
     if not isinstance(data, dict):
-        raise RecipeError(str(path), "(file)", type(data).__name__, "a recipe/profile must be a YAML mapping of keys")
+        kind = _KINDS.get(type(data), type(data).__name__)
+        raise FileProblem(str(path), f"holds {kind}, not a mapping of keys; {needs} (key: value lines)")
     return data
 
 
@@ -446,7 +468,8 @@ def _profile_path(ref: str, base: Path) -> Path:
 
 
 def _model_fields(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
+    """The keys a user may write (not `source`, which ftl records itself)."""
+    return [k for k, f in model.model_fields.items() if not f.exclude]
 
 
 def _field_model(loc: tuple[Any, ...], root: type[BaseModel]) -> type[BaseModel] | None:
@@ -488,6 +511,8 @@ def _translate(err: ValidationError, file: str, root: type[BaseModel], prefix: s
         owner = _field_model(loc, root)
         hint = did_you_mean(str(loc[-1]), _model_fields(owner)) if owner else ""
         allowed = ", ".join(_model_fields(owner)) if owner else ""
+        if isinstance(value, (dict, list)):  # a typo'd section: its key is the news, not its content
+            return FileProblem(file, f"unknown key.{hint} Known keys here: {allowed}", field=field)
         return RecipeError(file, field, value, f"unknown key.{hint} Known keys here: {allowed}")
     if kind == "missing":
         return RecipeError(file, field, None, "required; add it to the file")
@@ -542,15 +567,29 @@ def recipe_from_dict(
     file = str(path) if path else "<recipe>"
     base = Path(path).resolve().parent if path else Path.cwd()
 
-    overrides: list[tuple[list[str], Any]] = [parse_set(s) for s in sets or []]
+    # each override with the flag that gave it: an error in a value from the command line names the flag
+    overrides: list[tuple[list[str], Any, str]] = [(*parse_set(s), "--set") for s in sets or []]
     if cluster is not None:
-        overrides.append((["cluster", "profile"], str(Path(cluster).expanduser().resolve())))
+        overrides.append((["cluster", "profile"], str(Path(cluster).expanduser().resolve()), "--cluster"))
     if gpus_per_node is not None:
-        overrides.append((["cluster", "gpus_per_node"], gpus_per_node))
+        overrides.append((["cluster", "gpus_per_node"], gpus_per_node, "--gpus-per-node"))
     if nodes is not None:
-        overrides.append((["cluster", "nodes"], nodes))
-    for keys, value in overrides:
+        overrides.append((["cluster", "nodes"], nodes, "--nodes"))
+    for keys, value, _ in overrides:
         _apply(raw, keys, value)
+
+    def flag_of(field: str) -> str | None:
+        """The flag that set `field`, a key inside it or the section above it (the last flag when several did)."""
+        parts = field.split(".")
+        return next((flag for keys, _, flag in reversed(overrides)
+                     if parts[: len(keys)] == keys or keys[: len(parts)] == parts), None)
+
+    def blamed(e: RecipeError) -> RecipeError:
+        flag = flag_of(e.field)
+        if not flag:
+            return e
+        return FileProblem(flag, e.fix, field=e.field) if isinstance(e, FileProblem) else RecipeError(
+            flag, e.field, e.value, e.fix)
 
     # cluster: profile path (relative to the recipe) plus the recipe's/command line's overrides
     cl = raw.get("cluster")
@@ -569,7 +608,12 @@ def recipe_from_dict(
         if not ppath.is_file() and (builtin_cluster_dir() / Path(str(ref)).name).with_suffix(".yaml").is_file():
             ppath = (builtin_cluster_dir() / Path(str(ref)).name).with_suffix(".yaml")
         if not ppath.is_file():
-            raise RecipeError(file, "cluster", ref, f"no cluster profile at {ppath}; give a path to a cluster/*.yaml file")
+            flag = flag_of("cluster.profile")
+            if flag == "--cluster":
+                raise FileProblem(f"--cluster {cluster}", f"no cluster profile there; give a cluster profile YAML file "
+                                  f"(the shipped ones are in {builtin_cluster_dir()})")
+            raise RecipeError(flag or file, "cluster.profile" if flag else "cluster", ref,
+                              f"no cluster profile at {ppath}; give a path to a cluster/*.yaml file")
         profile_raw = _read_yaml(ppath, "cluster")
         profile_raw.setdefault("name", ppath.stem)
     merged = {**profile_raw, **cl}
@@ -578,14 +622,17 @@ def recipe_from_dict(
     try:
         cluster_obj = Cluster.model_validate(merged)
     except ValidationError as e:
-        src = str(ppath) if ref is not None and not cl else file
-        raise _translate(e, src, Cluster, prefix="cluster.") from None
+        err = _translate(e, file, Cluster, prefix="cluster.")
+        key = err.field.split(".")[1] if "." in err.field else ""
+        src = str(ppath) if ref is not None and key not in cl and key in profile_raw else file
+        # a key of the profile file is named as it is written there (gpu, not cluster.gpu)
+        raise blamed(err if src == file else _translate(e, src, Cluster)) from None
     raw["cluster"] = cluster_obj
 
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise _translate(e, file, Recipe) from None
+        raise blamed(_translate(e, file, Recipe)) from None
     recipe.source = str(Path(path).resolve()) if path else None
 
     # relative local paths are relative to the recipe's folder
@@ -599,7 +646,21 @@ def recipe_from_dict(
     tpl = recipe.data.chat_template
     if tpl and "{{" not in tpl and "{%" not in tpl and not Path(tpl).is_absolute() and (base / tpl).is_file():
         recipe.data.chat_template = str((base / tpl).resolve())  # a template file beside the recipe
+
+    # a model or GPU named on the command line is looked up now (the estimate would, without naming the flag)
+    _look_up(flag_of("model"), resolve_model, recipe.model)
+    if recipe.cluster.gpu:
+        _look_up(flag_of("cluster.gpu"), find_gpu, recipe.cluster.gpu, field="cluster.gpu")
     return recipe
+
+
+def _look_up(flag: str | None, lookup: Any, *args: Any, **kwargs: Any) -> None:
+    """A catalog lookup of a value `flag` gave, its error prefixed with the flag; nothing without a flag."""
+    if flag:
+        try:
+            lookup(*args, **kwargs)
+        except FtlError as e:
+            raise FtlError(f"{flag}: {e}") from None
 
 
 def dump_recipe(recipe: Recipe) -> dict[str, Any]:

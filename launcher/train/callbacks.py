@@ -144,8 +144,9 @@ class StopAndSave(TrainerCallback):
 
     def _handle(self, signum, frame):
         if not self.requested:
-            print(f"[ftl] {signal.Signals(signum).name}: saving a checkpoint and stopping after this step",
-                  file=sys.stderr, flush=True)
+            # SIGTERM is how ftl asks (Ctrl-C, ftl cancel, a budget): not named, since the user pressed no SIGTERM
+            why = "stop requested" if signum == signal.SIGTERM else signal.Signals(signum).name
+            print(f"[ftl] {why}: saving a checkpoint and stopping after this step", file=sys.stderr, flush=True)
         self.requested = True
 
     def _agreed(self) -> bool:

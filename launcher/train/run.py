@@ -680,8 +680,9 @@ def run_training(sess: Session, started: float | None = None) -> dict[str, Any]:
         res["hub"] = push_to_hub(recipe, out_dir)
     state.wait_for_everyone()  # end with a barrier; no destroy_process_group (exit-time aborts were seen)
     if interrupted:
-        log.warning("stopped by a signal at step %d; resume with --resume-from %s", st.global_step,
-                    (res["checkpoints"] or ["(none)"])[-1])
+        last = (res["checkpoints"] or [None])[-1]
+        log.warning("stopped at step %d (%s); continue with: ftl launch --resume %s", st.global_step,
+                    f"checkpoint {Path(last).name}" if last else "no complete checkpoint yet", run_dir.name)
     else:
         log.info("done: step %d, loss %s -> %s, output in %s", st.global_step, first, final, out_dir)
     return res

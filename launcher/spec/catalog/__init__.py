@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -107,6 +110,49 @@ def _fetch_config(hub_id: str, dest: Path) -> dict[str, Any]:
     return cfg
 
 
+HUB_PROBE_S = 1.5  # how long ftl waits to learn whether the hub can be reached at all
+
+
+def _hub_host() -> tuple[str, int]:
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def _hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """Whether a TCP connection to the hub opens within `timeout` seconds (name lookup included, which a socket
+    timeout does not bound: it runs in a thread that is abandoned when late). Offline, huggingface_hub would
+    retry for half a minute ("Retrying in 8s") before failing; this fails in seconds instead. Behind a proxy
+    the hub is not probed (the proxy decides)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection(_hub_host(), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def model_names() -> list[str]:
+    """The names a model may be given as and resolve: catalog names and hub ids exactly as `ftl models` lists
+    them (for did-you-mean: never a lowercased hub id, which the hub would not know)."""
+    return [*models(), *(e["hub_id"] for e in models().values() if e.get("hub_id"))]
+
+
+def _not_here(ref: str, why: str) -> UnknownModel:
+    cached = f", or put its config.json at {config_cache_dir() / ref / 'config.json'}" if ref.count("/") == 1 else ""
+    return UnknownModel(
+        f"model = {ref!r}: {why}.{did_you_mean(ref, model_names())} Use a catalog name (ftl models), or a local "
+        f"folder holding the model's config.json (model: /path/to/folder){cached}")
+
+
 def resolve_model(ref: str) -> ModelSpec:
     idx = index(models(), "hub_id")
     key = idx.get(ref.lower())
@@ -122,19 +168,18 @@ def resolve_model(ref: str) -> ModelSpec:
         cached = config_cache_dir() / ref / "config.json"
         if cached.is_file():
             return ModelSpec(ref, json.loads(cached.read_text()), "hub-cache", hub_id=ref)
-        if not _offline():
-            try:
-                return ModelSpec(ref, _fetch_config(ref, cached), "hub", hub_id=ref)
-            except Exception as e:  # network, auth, missing repo: say which
-                raise UnknownModel(
-                    f"model = {ref!r}: could not fetch its config.json from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})."
-                    f"{did_you_mean(ref, idx)} Use a catalog name (ftl models) or a local folder."
-                ) from None
-    raise UnknownModel(
-        f"model = {ref!r}: not a catalog name, not a local folder with config.json"
-        + (", and offline so the hub cannot be asked" if _offline() else "")
-        + f".{did_you_mean(ref, idx)} See `ftl models` for the catalog."
-    )
+        if _offline():
+            raise _not_here(ref, "not cached here, and offline (HF_HUB_OFFLINE) so the hub cannot be asked")
+        if not _hub_reachable():
+            host, port = _hub_host()
+            raise _not_here(ref, f"not cached here, and the hub ({host}:{port}) cannot be reached to fetch its "
+                                 "config.json")
+        try:
+            return ModelSpec(ref, _fetch_config(ref, cached), "hub", hub_id=ref)
+        except Exception as e:  # network, auth, missing repo: say which
+            raise _not_here(ref, f"could not fetch its config.json from the hub ({type(e).__name__}: "
+                                 f"{(str(e).splitlines() or [''])[0][:200]})") from None
+    raise _not_here(ref, "not a catalog name, not a local folder with config.json, and not a hub id (owner/name)")
 
 
 @dataclass(frozen=True)
@@ -153,11 +198,12 @@ class GpuSpec:
     source: str
 
 
-def find_gpu(ref: str) -> GpuSpec:
+def find_gpu(ref: str, field: str = "gpu") -> GpuSpec:
+    """The catalog entry of a GPU name or alias; FtlError naming `field` (as the user wrote it) when unknown."""
     idx = index(gpus())
     key = idx.get(ref.lower()) or idx.get(ref.lower().replace(" ", "-"))
     if not key:
-        raise FtlError(f"gpu = {ref!r}: not in the GPU catalog.{did_you_mean(ref, idx)} Known: {', '.join(gpus())}")
+        raise FtlError(f"{field} = {ref!r}: not in the GPU catalog.{did_you_mean(ref, idx)} Known: {', '.join(gpus())}")
     e = gpus()[key]
     return GpuSpec(
         key=key,
