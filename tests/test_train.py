@@ -528,6 +528,32 @@ def test_merge_and_generate(tmp_path, monkeypatch, capfd):
         merge_run(full, tmp_path / "m2")
 
 
+@pytest.mark.slow
+def test_chat_streams_keeps_the_conversation_and_samples(tmp_path):
+    """ftl chat's session on a chat-trained run: the answer streams in pieces that make up the returned text,
+    the conversation so far is rendered with the template on the next turn, greedy answers repeat, and a
+    temperature samples (seeded)."""
+    import torch
+
+    from launcher.train.generate import Chat
+
+    run = make_run(tmp_path, method="lora", task="sft", data={"path": str(DATA / "chat.jsonl"), "max_seq_len": 96},
+                   train={"max_steps": 2, "logging_steps": 1, "micro_batch_size": 4, "precision": "fp32"})
+    assert run_inprocess(run) == 0
+    chat = Chat(run, device="cpu")
+    assert chat.multi_turn
+    pieces: list[str] = []
+    first = chat.reply("What does a pig eat?", max_new_tokens=6, on_text=pieces.append)
+    assert "".join(pieces).strip() == first.strip() and len(chat.history) == 2
+    prompt = chat._prompt("And a cow?")
+    assert "What does a pig eat?" in prompt and first.strip() in prompt  # the history is rendered
+    again = Chat(run, device="cpu").reply("What does a pig eat?", max_new_tokens=6)
+    assert again == first  # greedy
+    torch.manual_seed(0)
+    sampled = chat.reply("Name a color.", max_new_tokens=6, temperature=1.5, top_p=0.9)
+    assert isinstance(sampled, str) and len(chat.history) == 4
+
+
 def test_early_stopping_stops_when_eval_loss_stalls(tmp_path):
     # lr 1e-12 leaves every fp32 weight unchanged, so eval_loss never improves after the first evaluation
     run = make_run(tmp_path, method="full", task="classification",

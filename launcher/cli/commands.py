@@ -641,20 +641,63 @@ def merge(
 
 
 @app.command()
+def chat(
+    run: str = typer.Argument(..., help="Run id or directory."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, max=65536, help="Longest answer, in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, max=10.0, help="0: greedy; above 0: sampled."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temperature)."),
+) -> None:
+    """Talk to a run's trained model: the prompt rendered as training rendered it (the chat template
+    with the conversation so far for chat data; the instruction template for Alpaca data), the
+    answer streamed as it is generated. Type /exit or press Ctrl-D to leave.
+
+    Example: ftl chat quickstart-20261206-120000 --prompt "Add the two numbers. 2 + 3"
+    """
+    try:
+        r = _find(run)
+        Chat = _train_helper("generate", "Chat")
+        with err_console.status("loading the trained model"):
+            session = Chat(r.dir)
+    except FtlError as e:
+        fail(e)
+
+    def say(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def answer(text: str) -> None:
+        try:
+            session.reply(text, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, on_text=say)
+        except FtlError as e:
+            fail(e)
+        sys.stdout.write("\n")
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    err_console.print(f"[dim]{escape(r.id)}: {session.recipe.method} {session.recipe.task}"
+                      f"{', multi-turn' if session.multi_turn else ', each prompt alone'}; /exit or Ctrl-D to leave[/dim]")
+    while True:
+        try:
+            text = console.input("[bold]you>[/bold] ")
+        except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")
+            return
+        if text.strip() in ("/exit", "/quit"):
+            return
+        if text.strip():
+            answer(text)
+
+
+@app.command()
 def generate(
     run: str = typer.Argument(..., help="Run id or directory."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1),
 ) -> None:
-    """Generate text with a run's trained model (output/)."""
-    try:
-        r = _find(run)
-        run_generate = _train_helper("generate", "generate")
-
-        text = run_generate(r.dir, prompt, max_new_tokens=max_new_tokens)
-    except FtlError as e:
-        fail(e)
-    sys.stdout.write(str(text) + "\n")
+    """The trained model's answer to one prompt (the same as ftl chat RUN --prompt TEXT)."""
+    chat(run, prompt=prompt, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0)
 
 
 @app.command()
