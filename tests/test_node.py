@@ -163,6 +163,23 @@ def test_exported_script_quotes_everything(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_profile_setup_provides_the_interpreter(tmp_path):
+    """With a setup that activates an environment and no cluster.python, the job runs the `python` the setup
+    puts on PATH (the exported script and submitit's alike), not the launching machine's interpreter."""
+    import shlex
+    import sys
+
+    from launcher.backends.slurm import submitted_script
+
+    r = _recipe(tmp_path, partition="debug", nodes=2, setup=["source ~/venvs/ftl/bin/activate"])
+    run = Run("r-1", tmp_path / "r-1")
+    srun = next(line for line in export_sbatch(run, r, "cpu").splitlines() if line.startswith("srun "))
+    assert shlex.split(srun)[3:5] == ["python", "-m"] and sys.executable not in srun
+    assert sys.executable not in submitted_script(run, r, "cpu")
+    plain = _recipe(tmp_path, partition="debug", nodes=2)
+    assert sys.executable in export_sbatch(run, plain, "cpu")  # no setup: the shared filesystem's interpreter
+
+
 @pytest.mark.parametrize("provider,fields,shows", [
     ("slurm", {"partition": "debug", "nodes": 2}, ["#SBATCH --nodes=2", "#SBATCH --partition=debug", "#SBATCH --signal=USR2@90",
                                                   "submitit.core._submit", "-m launcher.agent --run-dir"]),

@@ -138,7 +138,7 @@ class SlurmBackend(Backend):
         params = sbatch_params(run, recipe, plan.device)
         folder = run.dir / "slurm"
         folder.mkdir(exist_ok=True)
-        ex = submitit.SlurmExecutor(folder=folder, python=recipe.cluster.python or sys.executable)
+        ex = submitit.SlurmExecutor(folder=folder, python=node_python(recipe))
         ex.update_parameters(**params)
         # sbatch passes the submitting environment to the job (--export=ALL): that is how secrets such as
         # HF_TOKEN reach the nodes without being written anywhere
@@ -266,7 +266,7 @@ def submitted_script(run: Run, recipe: Any, device: str, python: str | None = No
 
     p = sbatch_params(run, recipe, device)
     folder = run.dir / "slurm"
-    command = " ".join(shlex.quote(a) for a in (python or recipe.cluster.python or sys.executable, "-u", "-m",
+    command = " ".join(shlex.quote(a) for a in (node_python(recipe, python), "-u", "-m",
                                                  "submitit.core._submit", str(folder)))
     return _make_sbatch_string(command=command, folder=folder, **p)
 
@@ -280,6 +280,15 @@ def _flag(key: str, value: Any) -> str:
     if value is True:
         return f"#SBATCH --{key}"
     return f"#SBATCH --{key}={shlex.quote(str(value))}"
+
+
+def node_python(recipe: Any, python: str | None = None) -> str:
+    """The interpreter a job runs: the one given, the profile's `python`, or -- when the profile's `setup`
+    prepares the environment (a venv, modules) -- the `python` that setup puts first on PATH; else the one
+    running ftl (a filesystem the nodes share)."""
+    if python or recipe.cluster.python:
+        return python or recipe.cluster.python
+    return "python" if recipe.cluster.setup else sys.executable
 
 
 def export_sbatch(run: Run, recipe: Any, device: str, python: str | None = None) -> str:
@@ -300,7 +309,7 @@ def export_sbatch(run: Run, recipe: Any, device: str, python: str | None = None)
     lines += [_flag(k, v) for k, v in sorted(p.items())]
     if setup:
         lines += ["", "# setup (cluster.setup)"] + list(setup)
-    node = [python or recipe.cluster.python or sys.executable, "-m", AGENT_MODULE, "--run-dir", str(run.dir)]
+    node = [node_python(recipe, python), "-m", AGENT_MODULE, "--run-dir", str(run.dir)]
     lines += ["", "set -u", "mkdir -p " + shlex.quote(str(run.dir / "slurm")),
               "srun --ntasks-per-node=1 --kill-on-bad-exit=1 " + " ".join(shlex.quote(a) for a in node), ""]
     return "\n".join(lines)

@@ -265,7 +265,8 @@ class Cluster(_Strict):
     sbatch_options: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
     hosts: list[Host] = Field(default_factory=list)
-    python: str | None = Field(None, description="Python interpreter on the nodes (slurm, ssh); default: the one running ftl.")
+    python: str | None = Field(None, description="Python interpreter on the nodes (slurm, ssh); default: `python` "
+                               "when `setup` prepares the environment (slurm), else the one running ftl.")
     workdir: str | None = Field(None, description="Directory the nodes start in (ssh); default: the current directory.")
     region: str | None = None
     image: str | None = None
