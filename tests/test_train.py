@@ -162,7 +162,7 @@ def test_pack_windows_count_and_stride(n, seq, stride, expected):
 def test_dapt_corpus_windows(tmp_path):
     from datasets import Dataset
 
-    from launcher.train.model import ModelSource, load_tokenizer
+    from launcher.train.source import ModelSource, load_tokenizer
     from launcher.train.tasks import CausalLMCollator, dapt_dataset
 
     tok = load_tokenizer(ModelSource(str(TINY), str(TINY), True, False))
