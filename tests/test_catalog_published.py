@@ -113,3 +113,27 @@ def test_rounding_rule():
     assert half_unit("235B") == Decimal("0.5") * 10**9
     assert half_unit("6.95B") == Decimal("0.005") * 10**9
     assert count("149M") == 149 * 10**6
+
+
+def test_ftl_models_lists_a_family_without_an_analytic_builder(monkeypatch):
+    """`ftl models` counts an entry of a probed family (here a tiny Gemma 3 text config) from the model itself."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from launcher.cli import commands
+
+    tiny = dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+    assert tiny["model_type"] not in SUPPORTED
+    monkeypatch.setattr(commands, "catalog_models", lambda: {"tiny-gemma3": {"hub_id": None, "config": tiny}})
+    res = CliRunner().invoke(commands.app, ["models", "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout[res.stdout.index("["):])[0]
+    d = dict(tiny)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(d.pop("model_type"), **d))
+    assert row["name"] == "tiny-gemma3" and row["layers"] == 2
+    assert row["params"] == sum(p.numel() for p in model.parameters())
