@@ -2,7 +2,10 @@
 
 Builds every catalog entry with transformers on the meta device (no weights, no download) and
 prints a table of sum(numel) over model.parameters() (tied weights counted once) next to the
-count the model's publisher or its safetensors report. Exits 1 if any entry is off.
+count the model's publisher or its safetensors report. Exits 1 if any entry is off. Entries that carry
+`published_params` (the publisher's stated count as written, e.g. "8.2B", and its rounding tolerance,
+as data in the catalog) are checked against that; tests/test_catalog_published.py runs the same check
+in the suite.
 
     .venv/bin/python bench/catalog_param_counts.py
 """
@@ -18,7 +21,8 @@ import yaml
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-CATALOG = Path(__file__).resolve().parent.parent / "launcher" / "catalog" / "models.yaml"
+CATALOG = Path(__file__).resolve().parent.parent / "launcher" / "spec" / "catalog" / "models.yaml"
+UNITS = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 # (published count, tolerance as a fraction). Exact counts come from the hub's safetensors
 # metadata or the model card; "≈" counts are the rounded figures the publishers quote.
@@ -52,6 +56,12 @@ def count(cfg: dict) -> tuple[int, str]:
     return sum(p.numel() for p in model.parameters()), type(model).__name__
 
 
+def stated(text: str) -> int:
+    """'8.2B' -> 8_200_000_000 (a publisher's count as written)."""
+    text = str(text).strip()
+    return round(float(text[:-1]) * UNITS[text[-1]])
+
+
 def main() -> int:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
@@ -60,8 +70,13 @@ def main() -> int:
     print(f"{'key':<17} {'class':<24} {'params (meta)':>17} {'published':>17} {'diff':>10}  ok")
     for key, entry in catalog.items():
         n, cls = count(entry["config"])
-        want, tol = EXPECTED.get(key, (0, 0.0))
-        ok = bool(want) and abs(n - want) <= tol * want
+        pub = entry.get("published_params")
+        if pub:  # the publisher's rounded count, within half a unit of its last digit
+            want, slack = stated(pub["stated"]), stated(pub["tolerance"])
+        else:
+            want, tol = EXPECTED.get(key, (0, 0.0))
+            slack = tol * want
+        ok = bool(want) and abs(n - want) <= slack
         bad += not ok
         print(f"{key:<17} {cls:<24} {n:>17,} {want:>17,} {n - want:>+10,}  {'yes' if ok else 'NO'}")
     missing = set(EXPECTED) - set(catalog)

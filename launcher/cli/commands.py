@@ -28,7 +28,7 @@ from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
 from launcher.core.procs import signal_words
 from launcher.estimate import probed
-from launcher.estimate.arch import arch_from_config
+from launcher.estimate.arch import SUPPORTED, arch_from_config
 from launcher.estimate.search import check_caps
 from launcher.estimate.search import estimate as run_estimate
 from launcher.estimate.search import plan as run_plan
@@ -210,7 +210,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON for sc
     for key, e in catalog_models().items():
         cfg = e["config"]
         head = "seq_cls" if cfg["model_type"] in ("bert", "distilbert") else "causal_lm"
-        a = arch_from_config(cfg, head)
+        # a family without an analytic builder is counted from the model itself (probed once, then cached)
+        a = arch_from_config(cfg, head) if cfg["model_type"] in SUPPORTED else probed.probe_arch(cfg, head, 2)
         rows.append({"name": key, "hub_id": e.get("hub_id"), "model_type": cfg["model_type"], "params": a.params_total,
                      "active_params": a.params_active, "layers": a.layers, "hidden": a.hidden, "vocab": a.vocab})
     if as_json:
