@@ -118,3 +118,16 @@ def test_the_estimate_counts_chat_tokens_as_the_trainer_renders_them(tok, tmp_pa
     assert "through the chat template" in size.source
     plain = sum(len(tok(m["content"]).input_ids) for msgs in sample for m in msgs)
     assert size.tokens > plain  # the role headers and end markers count
+
+
+def test_an_alpaca_run_reads_the_first_line_as_the_instruction(tok):
+    """ftl chat on an instruction-trained run: the first line is the instruction and the rest its input,
+    rendered with the Alpaca template exactly as the training records were."""
+    from launcher.spec.prompts import alpaca_prompt
+    from launcher.spec.recipe import recipe_from_dict
+    from launcher.train.tasks import generation_prompt
+
+    r = recipe_from_dict({"name": "t", "model": str(TINY), "task": "sft"})
+    rec = {"instruction": "Add the two numbers.", "input": "22 + 80"}
+    assert generation_prompt(r, "alpaca", tok, "Add the two numbers.\n22 + 80") == alpaca_prompt(rec, None)
+    assert generation_prompt(r, "alpaca", tok, "Name three colors.") == alpaca_prompt({"instruction": "Name three colors.", "input": ""}, None)

@@ -79,7 +79,9 @@ def generation_prompt(recipe: Recipe, kind: str | None, tokenizer, text: str) ->
     if recipe.task == "sft" and kind in ("chat", "sharegpt"):
         return chat_prompt([{"role": "user", "content": text}], tokenizer, chat_template(recipe, tokenizer))
     if recipe.task == "sft" and kind == "alpaca":
-        return alpaca_prompt({"instruction": text, "input": ""}, recipe.data.prompt_template)
+        # the first line is the instruction, what follows its input (as the records hold them)
+        instruction, _, extra = text.partition("\n")
+        return alpaca_prompt({"instruction": instruction.strip(), "input": extra.strip()}, recipe.data.prompt_template)
     if recipe.task == "dpo" and recipe.data.prompt_template:
         return alpaca_prompt({"instruction": text, "prompt": text, "input": ""}, recipe.data.prompt_template)
     return text
