@@ -37,6 +37,7 @@ typer==0.20.0
 rich==14.0.0
 httpx==0.28.1
 pyyaml==6.0.2
+jinja2==3.1.6
 numpy==2.5.2
 pandas
 pyarrow==24.0.0
