@@ -126,6 +126,11 @@ class Provider(ABC):
         self.sleep, self.clock = sleep, clock
 
     @abstractmethod
+    def check_key(self) -> None:
+        """One authenticated read, so a refused key stops a launch before anything is asked or written
+        (AuthError on 401, ProviderError otherwise)."""
+
+    @abstractmethod
     def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
         """Offers for `gpus` GPUs per instance, cheapest available first; `gpu` is a catalog name or provider id."""
 

@@ -88,6 +88,9 @@ class Lambda(Provider):
         self._last_launch: float | None = None
         self.http = JsonClient("lambda", key or api_key("lambda"), base_url, sleep=sleep, **http)
 
+    def check_key(self) -> None:
+        self.http.request("GET", f"{API}/instances")
+
     # --- offers ----------------------------------------------------------------------------------
 
     def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:

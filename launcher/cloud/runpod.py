@@ -75,6 +75,9 @@ class RunPod(Provider):
         self.poll_s = poll_s
         self.http = JsonClient("runpod", key or api_key("runpod"), base_url, sleep=sleep, **http)
 
+    def check_key(self) -> None:
+        self.http.request("GET", "/v2/pods")
+
     # --- offers ----------------------------------------------------------------------------------
 
     def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
