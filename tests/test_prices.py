@@ -15,6 +15,7 @@ import pytest
 
 from launcher.cloud import prices as P
 from launcher.spec.catalog import gpus
+from tests.openapi_check import document
 
 ROOT = Path(__file__).resolve().parent.parent
 RP_KEY = "rpa_SECRET_runpod_key_1234567890"
@@ -28,13 +29,13 @@ RUNPOD_GPUS = {"gpus": [
      "secure": True, "community": True, "price": {"secure": 0.44, "community": 0.31, "serverless": 1.1},
      "maxCount": {"secure": 8, "community": 4}},
     {"id": "NVIDIA A100-SXM4-80GB", "name": "A100 SXM", "pool": "AMPERE_80", "manufacturer": "NVIDIA", "memory": 80,
-     "secure": True, "community": False, "price": {"secure": 1.74, "community": None, "serverless": 2.72},
+     "secure": True, "community": False, "price": {"secure": 1.74, "community": 0.0, "serverless": 2.72},
      "maxCount": {"secure": 8, "community": 0}},
     {"id": "NVIDIA A100 80GB PCIe", "name": "A100 PCIe", "pool": "AMPERE_80", "manufacturer": "NVIDIA", "memory": 80,
      "secure": True, "community": True, "price": {"secure": 1.64, "community": 1.19, "serverless": 2.72},
      "maxCount": {"secure": 8, "community": 8}},
     {"id": "NVIDIA RTX PRO 6000 Blackwell", "name": "RTX PRO 6000", "pool": "BLACKWELL_96", "manufacturer": "NVIDIA",
-     "memory": 96, "secure": True, "community": False, "price": {"secure": 1.84, "community": None, "serverless": 2.5},
+     "memory": 96, "secure": True, "community": False, "price": {"secure": 1.84, "community": 0.0, "serverless": 2.5},
      "maxCount": {"secure": 8, "community": 0}},
 ]}
 
@@ -59,10 +60,11 @@ LAMBDA_TYPES = {"data": {
 
 
 class Fake:
-    """A provider on 127.0.0.1: a queue of scripted failures, then the documented success body."""
+    """A provider on 127.0.0.1: a queue of scripted failures, then the documented success body; every answer is
+    checked against the provider's OpenAPI document (tests/providers_openapi/)."""
 
     def __init__(self, kind: str):
-        self.kind, self.failures, self.requests = kind, [], []
+        self.kind, self.failures, self.requests, self.problems = kind, [], [], []
         fake = self
 
         class H(BaseHTTPRequestHandler):
@@ -70,6 +72,7 @@ class Fake:
                 pass
 
             def _send(self, code, body, ctype="application/json", headers=None):
+                fake.problems += document(fake.kind).response_problems("GET", self.path.split("?")[0], code, body, ctype)
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
@@ -127,6 +130,7 @@ def fakes(monkeypatch, tmp_path):
     yield rp, lm
     rp.close()
     lm.close()
+    assert not rp.problems and not lm.problems, rp.problems + lm.problems
 
 
 # --- shipped data ----------------------------------------------------------------------------------

@@ -131,8 +131,9 @@ class Provider(ABC):
         (AuthError on 401, ProviderError otherwise)."""
 
     @abstractmethod
-    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
-        """Offers for `gpus` GPUs per instance, cheapest available first; `gpu` is a catalog name or provider id."""
+    def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
+        """Offers for `gpus` GPUs per instance, cheapest available first; `gpu` is a catalog name or provider id;
+        `cluster`: offers that `create_cluster` can rent (RunPod: Instant Cluster stock, SECURE only)."""
 
     @abstractmethod
     def create(self, name: str, offer: Offer, ssh_public_key: str, image: str | None = None,

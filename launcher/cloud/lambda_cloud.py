@@ -3,7 +3,8 @@
 Facts that shape this module (providers.md part 2):
 * prices are integer cents per hour for the whole instance; `regions_with_capacity_available` is the stock;
 * launch takes exactly one SSH key *name* and starts one instance per call (quantity > 1 is refused),
-  at most one launch per 12 s, so multi-node = N launches, ranked by launch order (kept in a tag);
+  at most one launch per 12 s and one request per second (catalog/providers.yaml, from Lambda's OpenAPI
+  document), so multi-node = N launches, ranked by launch order (kept in a tag);
 * there is no env, disk or port field: env goes in through cloud-init `user_data`, disk comes with the type;
 * SSH is `ubuntu@<ip>:22`; `ip` / `private_ip` appear once the instance leaves `booting`.
 """
@@ -17,7 +18,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from launcher.spec.catalog import find_gpu
+from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.spec.catalog import gpu_key as catalog_gpu_key
 from launcher.core.errors import FtlError
 from launcher.cloud.base import Instance, NoCapacity, Offer, Provider, ProviderError
@@ -26,7 +27,6 @@ from launcher.cloud.http import JsonClient, create_once, log
 
 API = "/api/v1"
 SSH_USER = "ubuntu"
-LAUNCH_INTERVAL_S = 12.0
 STATUS = {"booting": "pending", "unhealthy": "pending", "active": "running", "terminating": "terminated",
           "terminated": "terminated", "preempted": "terminated"}
 CAPACITY_CODE = "instance-operations/launch/insufficient-capacity"
@@ -82,18 +82,20 @@ class Lambda(Provider):
 
     def __init__(self, key: str | None = None, base_url: str | None = None, *, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic, poll_s: float = 10.0,
-                 launch_interval_s: float = LAUNCH_INTERVAL_S, **http: Any):
+                 launch_interval_s: float | None = None, **http: Any):
         super().__init__(sleep, clock)
-        self.poll_s, self.launch_interval_s = poll_s, launch_interval_s
+        self.poll_s = poll_s
+        self.launch_interval_s = float(provider_facts()["lambda"]["launch_interval_s"]) if launch_interval_s is None \
+            else launch_interval_s  # Lambda's documented launch limit
         self._last_launch: float | None = None
-        self.http = JsonClient("lambda", key or api_key("lambda"), base_url, sleep=sleep, **http)
+        self.http = JsonClient("lambda", key or api_key("lambda"), base_url, sleep=sleep, clock=clock, **http)
 
     def check_key(self) -> None:
         self.http.request("GET", f"{API}/instances")
 
     # --- offers ----------------------------------------------------------------------------------
 
-    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
+    def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
         want = None
         if gpu is not None:
             try:

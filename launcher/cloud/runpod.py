@@ -6,7 +6,18 @@ avoids `startSsh`, which injects the *account's* key set that only a whole-set P
 between concurrent launches). The endpoint is `ssh.direct` (public IP + mapped port, user root), else
 the `runtime.ports` entry for private port 22; the `ssh.proxy` endpoint is a shell-only relay and is not used.
 
-Capacity: v2 has no capacity code; "no capacity" is a 400 on create whose `detail` says so.
+Placement (the v2 document's create-pod guidance): a 400 is "breaks a cross-field rule, or could not be
+placed" and a 403 "your account cannot access the requested pool"; both mean "try your next candidate", so
+both come back as NoCapacity (with RunPod's own `detail`), and the caller reports every candidate's answer
+when none placed. Capacity has no code of its own, so no wording is matched. 402 (no balance) and 422 (bad
+body) stop at once.
+
+Clusters: stock is read with `product=CLUSTER`, and only SECURE offers are clusters (`CreateClusterRequest`
+has no cloud tier). Members get NCCL_SOCKET_IFNAME=ens1 (RunPod's Instant Cluster notes: inter-node traffic
+is on ens1..ens8, eth0 is the internet) unless the profile's env sets it.
+
+CUDA: a pod asks for a host whose CUDA is at least the image's (`gpu.minCudaVersion`, from a `cuXYZ` tag such
+as the default image's cu1281 -> 12.8); the cluster request has no such field.
 """
 
 from __future__ import annotations
@@ -27,9 +38,9 @@ DEFAULT_DISK_GB = 50
 CLOUDS = ("SECURE", "COMMUNITY")
 STATUS = {"PROVISIONING": "pending", "STARTING": "pending", "RUNNING": "running", "EXITED": "stopped",
           "ERROR": "error", "TERMINATED": "terminated"}
-# create's 400 mixes validation and "no capacity" with only human text to tell them apart
-CAPACITY = re.compile(r"capacity|no longer any instances|not enough|no (gpus?|instances|machines) (are )?available|"
-                      r"insufficient resources|unavailable|out of stock", re.I)
+NEXT_CANDIDATE = (400, 403)  # the document: "Try your next candidate" / "Skip this candidate, keep going"
+CLUSTER_IFNAME = {"NCCL_SOCKET_IFNAME": "ens1"}
+_CUDA_TAG = re.compile(r"(?:^|[^a-z])cu(?:da)?(\d{2})\.?(\d)(?:\.?\d)?(?:[^0-9]|$)", re.I)
 CLUSTER_MEMBERS_TIMEOUT_S = 120.0  # how long the members of a new cluster may take to be listed
 
 
@@ -55,6 +66,12 @@ def to_instance(pod: dict[str, Any]) -> Instance:
                     region=pod.get("dataCenterId"), gpu_type=gpu.get("id"))
 
 
+def min_cuda(image: str) -> str | None:
+    """The CUDA version an image's tag names, as RunPod's `major.minor` (cu1281 -> 12.8, cuda12.4.1 -> 12.4)."""
+    m = _CUDA_TAG.search(image.rsplit(":", 1)[-1]) if ":" in image else None
+    return f"{int(m.group(1))}.{m.group(2)}" if m else None
+
+
 def _matches(gpu: str | None, key: str | None, gpu_type: str) -> bool:
     if gpu is None:
         return True
@@ -73,18 +90,18 @@ class RunPod(Provider):
                  clock: Callable[[], float] = time.monotonic, poll_s: float = 5.0, **http: Any):
         super().__init__(sleep, clock)
         self.poll_s = poll_s
-        self.http = JsonClient("runpod", key or api_key("runpod"), base_url, sleep=sleep, **http)
+        self.http = JsonClient("runpod", key or api_key("runpod"), base_url, sleep=sleep, clock=clock, **http)
 
     def check_key(self) -> None:
         self.http.request("GET", "/v2/pods")
 
     # --- offers ----------------------------------------------------------------------------------
 
-    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
+    def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
         out: list[Offer] = []
-        for cloud in CLOUDS:
-            data = self.http.request("GET", "/v2/catalog/gpus", params={"include": "AVAILABILITY", "product": "POD",
-                                                                          "count": gpus, "cloud": cloud})
+        for cloud in ("SECURE",) if cluster else CLOUDS:
+            data = self.http.request("GET", "/v2/catalog/gpus", params={
+                "include": "AVAILABILITY", "product": "CLUSTER" if cluster else "POD", "count": gpus, "cloud": cloud})
             for g in (data or {}).get("gpus") or []:
                 tier = cloud.lower()
                 usd = (g.get("price") or {}).get(tier)
@@ -110,7 +127,7 @@ class RunPod(Provider):
                 "env": {**{str(k): str(v) for k, v in (env or {}).items()}, "PUBLIC_KEY": key, "SSH_PUBLIC_KEY": key}}
 
     def _capacity(self, e: ProviderError, offer: Offer) -> ProviderError:
-        if e.status == 400 and CAPACITY.search(str(e)):
+        if e.status in NEXT_CANDIDATE:
             where = f" in {offer.region}" if offer.region else ""
             return NoCapacity(f"{e} ({offer.gpus}x {offer.gpu_type}, {offer.cloud_type or 'SECURE'}{where}); "
                               "try another GPU, region or cloud", e.status, "runpod", e.code)
@@ -118,8 +135,11 @@ class RunPod(Provider):
 
     def create(self, name: str, offer: Offer, ssh_public_key: str, image: str | None = None,
                disk_gb: int | None = None, env: dict[str, str] | None = None) -> Instance:
-        body: dict[str, Any] = {"name": name, "gpu": {"id": offer.gpu_type, "count": offer.gpus},
-                                "cloud": offer.cloud_type or "SECURE",
+        gpu: dict[str, Any] = {"id": offer.gpu_type, "count": offer.gpus}
+        cuda = min_cuda(image or DEFAULT_IMAGE)
+        if cuda:
+            gpu["minCudaVersion"] = cuda
+        body: dict[str, Any] = {"name": name, "gpu": gpu, "cloud": offer.cloud_type or "SECURE",
                                 **self._container(ssh_public_key, image, disk_gb, env)}
         if offer.region:
             body["dataCenterIds"] = [offer.region]
@@ -139,7 +159,7 @@ class RunPod(Provider):
             return [inst]
         body: dict[str, Any] = {"name": name, "type": "TRAINING",
                                 "compute": {"gpuTypeId": offer.gpu_type, "gpuCountPerPod": offer.gpus, "podCount": nodes},
-                                **self._container(ssh_public_key, image, disk_gb, env)}
+                                **self._container(ssh_public_key, image, disk_gb, {**CLUSTER_IFNAME, **(env or {})})}
         if offer.region:
             body["dataCenterIds"] = [offer.region]
         try:

@@ -31,6 +31,9 @@ def provider_options(provider: str) -> dict[str, Any]:
     pace = os.environ.get("FTL_LAMBDA_LAUNCH_INTERVAL_S")
     if provider == "lambda" and pace:
         opts["launch_interval_s"] = float(pace)
+    every = os.environ.get("FTL_LAMBDA_REQUEST_INTERVAL_S")
+    if provider == "lambda" and every:
+        opts["request_interval_s"] = float(every)
     return opts
 
 

@@ -32,10 +32,10 @@ def env_float(name: str, default: float | None) -> float | None:
 
 def provision(run: Run, recipe: Recipe, prov: Any, public_key: str, note: Note,
               teardown: Callable[[], Any]) -> list[Instance]:
-    """Create the instances (next offer on no capacity, tearing down what the failed offer left), record each at
-    once, wait until every one is ready."""
+    """Create the instances (the next offer when one is not placed: no capacity, or RunPod's 400/403, tearing
+    down what the failed offer left), record each at once, wait until every one is ready."""
     cl = recipe.cluster
-    offers = [o for o in prov.offers(cl.gpu, cl.gpus_per_node) if o.available
+    offers = [o for o in prov.offers(cl.gpu, cl.gpus_per_node, cluster=cl.nodes > 1) if o.available
               and (not cl.region or o.region == cl.region)
               and (not cl.cloud_type or o.cloud_type in (None, cl.cloud_type.upper()))]
     what = f"{cl.gpus_per_node}x {cl.gpu or 'any GPU'}" + (f" in {cl.region}" if cl.region else "")
@@ -45,6 +45,7 @@ def provision(run: Run, recipe: Recipe, prov: Any, public_key: str, note: Note,
                           "region or provider (ftl prices --refresh lists them)")
     env = {"FTL_RUN_ID": run.id}
     tried: list[str] = []
+    statuses: list[int | None] = []
     for offer in offers:
         where = f"{offer.gpus}x {offer.gpu_type} {offer.region or ''} at ${offer.price_per_hour:g}/h".strip()
         note(f"ftl: renting {cl.nodes} x {where} on {name}")
@@ -52,11 +53,17 @@ def provision(run: Run, recipe: Recipe, prov: Any, public_key: str, note: Note,
             insts = _create(run, recipe, prov, offer, public_key, env)
         except NoCapacity as e:
             tried.append(f"{where}: {e}")
+            statuses.append(e.status)
+            note(f"ftl: {where} not placed ({e.status or 'no capacity'}); trying the next offer" if offer is not offers[-1]
+                 else f"ftl: {where} not placed ({e.status or 'no capacity'})")
             teardown()
             continue
         break
     else:
-        raise RentalError(f"{name}: no capacity for {what}; tried " + "; ".join(tried))
+        hint = ("; every offer answered 400, which may mean the request itself breaks a rule (RunPod's document: "
+                "read the last answer as a problem with the request)" if statuses and all(s == 400 for s in statuses)
+                and len(statuses) > 1 else "")
+        raise RentalError(f"{name}: no capacity for {what}; tried {len(tried)} offer(s): " + "; ".join(tried) + hint)
     timeout = env_float("FTL_PROVIDER_READY_TIMEOUT_S", READY_TIMEOUT_S) or READY_TIMEOUT_S
     ready = []
     for inst in insts:
