@@ -616,6 +616,7 @@ class FakeLambda(_Fake):
         self.instance_types = json.loads(json.dumps(LAMBDA_TYPES))
         self.ssh_keys: list[dict[str, str]] = []
         self.launch_interval_s: float | None = None  # set to enforce Lambda's 1 launch / 12 s with 429s
+        self.omit_private_ip = False
         self._last_launch: float | None = None
 
     def authorized(self, header: str) -> bool:
@@ -653,8 +654,10 @@ class FakeLambda(_Fake):
                              "reason_description": "The instance has not launched yet."})
                         for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
         }
-        if st == "active":
-            d.update(ip=rec["ssh_host"], private_ip=rec["private_ip"], hostname=rec.get("hostname") or rec["ssh_host"])
+        if st == "active":  # private_ip is optional in the document: omit_private_ip leaves it out
+            d.update(ip=rec["ssh_host"], hostname=rec.get("hostname") or rec["ssh_host"])
+            if not self.omit_private_ip:
+                d["private_ip"] = rec["private_ip"]
         return d
 
     def route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Reply:

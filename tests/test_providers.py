@@ -6,6 +6,7 @@ import base64
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -16,9 +17,11 @@ from fake_providers import (LAMBDA_KEY, RUNPOD_KEY, RUNPOD_NO_CAPACITY_WORDINGS,
                             fake_lambda, fake_runpod)
 from launcher.cloud import AuthError, NoCapacity, Offer, ProviderError, ProviderTimeout, get_provider
 from launcher import rundir as R
-from launcher.backends.rental.provision import provision
+from launcher.backends.rental.provision import nodes_for, provision
 from launcher.backends.rental.transfer import RentalError
 from launcher.cloud.http import JsonClient
+from launcher.core.files import iso_epoch
+from launcher.rundir.cost import spend
 from launcher.spec.recipe import load_recipe
 
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
@@ -70,7 +73,8 @@ def test_runpod_offers_map_catalog_names_prices_and_regions(fake_runpod, clock):
     assert {(o.cloud_type, o.region, o.available) for o in h} == {("SECURE", "US-TX-3", True),
                                                                   ("COMMUNITY", "US-TX-3", True)}
     assert all(o.gpu == "h100-sxm" and o.gpu_type == "NVIDIA H100 80GB HBM3" for o in h)
-    assert h[0] == Offer("runpod", "h100-sxm", "NVIDIA H100 80GB HBM3", 1, 2.49, "US-TX-3", True, "COMMUNITY")
+    assert h[0] == Offer("runpod", "h100-sxm", "NVIDIA H100 80GB HBM3", 1, 2.49, "US-TX-3", True, "COMMUNITY",
+                         public_ip=False)  # a community pod may get no public IP
     assert p.offers("NVIDIA H100 80GB HBM3") == h  # the provider's id works too
     q = _reqs(fake_runpod, "GET", "/v2/catalog/gpus")[0]["query"]
     assert "include=AVAILABILITY" in q and "product=POD" in q
@@ -481,29 +485,72 @@ def test_client_repr_and_scrub():
 # --- provisioning: one candidate after another -------------------------------------------------------
 
 
+def _recipe(tmp_path: Path, **profile):
+    prof = tmp_path / "profile.yaml"
+    prof.write_text(yaml.safe_dump({"name": "p", "gpus_per_node": 1, "nodes": 1, "price_per_gpu_hour": 3.0, **profile}))
+    return load_recipe(SMOKE, cluster=prof)
+
+
+def _run(tmp_path: Path, rid: str) -> R.Run:
+    run = R.Run(rid, tmp_path / "runs" / rid)
+    run.dir.mkdir(parents=True)
+    return run
+
+
 def test_provision_tries_the_next_candidate_on_403_and_400_and_lists_every_answer(fake_runpod, clock, tmp_path):
     """RunPod's document: 400 (not placed) and 403 (no access to this pool) mean "try your next candidate"; when
-    none places, the error lists what each candidate answered."""
-    fake_runpod.refuse[("NVIDIA H100 80GB HBM3", "US-TX-3", "COMMUNITY")] = (403, "access denied")
-    prof = tmp_path / "rp.yaml"
-    prof.write_text(yaml.safe_dump({"name": "rp", "provider": "runpod", "gpu": "h100-sxm", "gpus_per_node": 1,
-                                    "nodes": 1, "price_per_gpu_hour": 3.0}))
-    recipe = load_recipe(SMOKE, cluster=prof)
-    run = R.Run("t-0", tmp_path / "runs" / "t-0")
-    run.dir.mkdir(parents=True)
+    none places, the error lists what each candidate answered. COMMUNITY offers are skipped, with the reason."""
+    fake_runpod.gpus[0]["dataCenters"].append({"id": "US-GA-1", "name": "US Georgia 1", "availability": "MEDIUM"})
+    fake_runpod.refuse[("NVIDIA H100 80GB HBM3", "US-GA-1", "SECURE")] = (403, "access denied")
+    recipe = _recipe(tmp_path, provider="runpod", gpu="h100-sxm")
     p, notes = provider("runpod", clock), []
-    insts = provision(run, recipe, p, PUB, notes.append, lambda: None)
-    # the COMMUNITY offer (cheapest) answered 403, the SECURE one placed
-    assert [(i.name, i.status) for i in insts] == [("ftl-t-0-0", "running")]
-    assert any("not placed (403)" in n for n in notes)
-    assert [r["json"]["cloud"] for r in _reqs(fake_runpod, "POST", "/v2/pods")] == ["COMMUNITY", "SECURE"]
+    insts = provision(_run(tmp_path, "t-0"), recipe, p, PUB, notes.append, lambda: None)
+    assert [(i.name, i.status, i.region) for i in insts] == [("ftl-t-0-0", "running", "US-TX-3")]
+    assert any("skipping 2 COMMUNITY offer(s)" in n and "no public IP" in n for n in notes), notes
+    assert any("US-GA-1" in n and "not placed (403)" in n for n in notes), notes
+    assert [(r["json"]["cloud"], r["json"]["dataCenterIds"]) for r in _reqs(fake_runpod, "POST", "/v2/pods")] == [
+        ("SECURE", ["US-GA-1"]), ("SECURE", ["US-TX-3"])]
     p.terminate(insts[0].id)
     fake_runpod.no_capacity = True  # now every candidate answers: 403, then 400 (RunPod's capacity text)
-    run2 = R.Run("t-1", tmp_path / "runs" / "t-1")
-    run2.dir.mkdir(parents=True)
     with pytest.raises(RentalError) as e:
-        provision(run2, recipe, p, PUB, notes.append, lambda: None)
+        provision(_run(tmp_path, "t-1"), recipe, p, PUB, notes.append, lambda: None)
     msg = str(e.value)
     assert "tried 2 offer(s)" in msg and "HTTP 403: access denied" in msg and "could not be placed" in msg
     assert "every offer answered 400" not in msg  # one was a 403: not a request problem
     assert fake_runpod.running() == []
+
+
+def test_provision_rents_community_pods_only_when_the_profile_names_the_tier(fake_runpod, clock, tmp_path):
+    p, notes = provider("runpod", clock), []
+    insts = provision(_run(tmp_path, "c-0"), _recipe(tmp_path, provider="runpod", gpu="h100-sxm", cloud_type="community"),
+                      p, PUB, notes.append, lambda: None)
+    assert [r["json"]["cloud"] for r in _reqs(fake_runpod, "POST", "/v2/pods")] == ["COMMUNITY"]
+    assert not any("skipping" in n for n in notes)
+    p.terminate(insts[0].id)
+
+
+def test_lambda_without_private_ip_meets_on_public_addresses_and_bills_from_ftls_clock(fake_lambda, clock, tmp_path):
+    """Lambda's private_ip is optional and its instances have no creation time: the fallback to public addresses
+    is said aloud, and spend starts at ftl's own clock when the create answered."""
+    fake_lambda.omit_private_ip = True
+    ips = iter(["203.0.113.10", "203.0.113.11"])
+    fake_lambda.on_create = lambda d: {"ssh_host": next(ips)}
+    recipe = _recipe(tmp_path, provider="lambda", gpu="h100-sxm", gpus_per_node=8, nodes=2)
+    p, notes, run = provider("lambda", clock), [], _run(tmp_path, "l-0")
+    before = time.time()
+    insts = provision(run, recipe, p, PUB, notes.append, lambda: None)
+    assert [i.private_ip for i in insts] == [None, None]
+    nodes = nodes_for(recipe, insts, tmp_path / "key", notes.append)
+    assert [n.address for n in nodes] == ["203.0.113.10", "203.0.113.11"]
+    assert any("no private address" in n and "public network" in n for n in notes), notes
+    rows = run.state()["instances"]
+    assert all(r["created_at"] for r in rows) and all(i.created_at is None for i in insts)
+    starts = [iso_epoch(r["created_at"]) for r in rows]
+    assert all(before - 2 <= t <= time.time() + 1 for t in starts)
+    assert spend(rows, now=max(starts) + 3600) == pytest.approx(2 * 23.92, rel=0.01)
+    fake_lambda.omit_private_ip = False  # with private addresses: those, and no note
+    quiet: list[str] = []
+    assert [n.address for n in nodes_for(recipe, [p.get(i.id) for i in insts], tmp_path / "key", quiet.append)] \
+        == ["127.0.0.1", "127.0.0.1"] and quiet == []
+    for i in insts:
+        p.terminate(i.id)

@@ -59,6 +59,7 @@ class Offer:
     region: str | None  # RunPod data center id, Lambda region name; None = let the provider choose
     available: bool
     cloud_type: str | None = None  # RunPod "SECURE" | "COMMUNITY"; None for Lambda
+    public_ip: bool = True  # False: the instance may get no public address, so SSH may never reach it
 
 
 @dataclass

@@ -12,6 +12,10 @@ both come back as NoCapacity (with RunPod's own `detail`), and the caller report
 when none placed. Capacity has no code of its own, so no wording is matched. 402 (no balance) and 422 (bad
 body) stop at once.
 
+Community pods may get no public IP, and v2's create has no `supportPublicIp` (v1/GraphQL had it): their
+offers say `public_ip=False`, and the rental backend rents them only when the profile asks for the community
+tier by name.
+
 Clusters: stock is read with `product=CLUSTER`, and only SECURE offers are clusters (`CreateClusterRequest`
 has no cloud tier). Members get NCCL_SOCKET_IFNAME=ens1 (RunPod's Instant Cluster notes: inter-node traffic
 is on ens1..ens8, eth0 is the internet) unless the profile's env sets it.
@@ -115,7 +119,8 @@ class RunPod(Provider):
                 rows = [(dc.get("id"), dc.get("availability")) for dc in dcs] or [(None, g.get("availability", "NONE"))]
                 for region, level in rows:
                     out.append(Offer("runpod", key, str(g["id"]), gpus, price, region,
-                                     available=bool(level) and level != "NONE", cloud_type=cloud))
+                                     available=bool(level) and level != "NONE", cloud_type=cloud,
+                                     public_ip=cloud != "COMMUNITY"))
         return sorted(out, key=lambda o: (not o.available, o.price_per_hour, o.gpu_type, o.region or ""))
 
     # --- create ----------------------------------------------------------------------------------

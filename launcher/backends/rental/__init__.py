@@ -159,7 +159,9 @@ class RentalBackend(Backend):
         try:
             key, pub = transfer.make_key(run)
             insts = provision.provision(run, recipe, self.client, pub, note, lambda: self.teardown(run, quiet=True))
-            nodes = provision.nodes_for(recipe, insts, key)
+            nodes = provision.nodes_for(recipe, insts, key, note)
+            if len(insts) > 1 and not all(i.private_ip for i in insts):
+                run.update_state(rendezvous_network="public")
             python = transfer.bootstrap(run, recipe, nodes, note)
             for n in nodes:
                 n.python = python

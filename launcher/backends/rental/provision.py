@@ -40,6 +40,12 @@ def provision(run: Run, recipe: Recipe, prov: Any, public_key: str, note: Note,
               and (not cl.cloud_type or o.cloud_type in (None, cl.cloud_type.upper()))]
     what = f"{cl.gpus_per_node}x {cl.gpu or 'any GPU'}" + (f" in {cl.region}" if cl.region else "")
     name = prov.name
+    unreachable = [o for o in offers if not o.public_ip and (o.cloud_type or "").lower() != (cl.cloud_type or "")]
+    if unreachable:  # ftl reaches its nodes by direct SSH: an instance with no public address never gets there
+        tiers = sorted({o.cloud_type or "?" for o in unreachable})
+        note(f"ftl: skipping {len(unreachable)} {'/'.join(tiers)} offer(s) on {name}: they may get no public IP "
+             f"and ftl needs direct SSH (set cloud_type: {tiers[0].lower()} in the profile to try them anyway)")
+        offers = [o for o in offers if o not in unreachable]
     if not offers:
         raise RentalError(f"{name}: no offer with capacity for {what} now; try another GPU, "
                           "region or provider (ftl prices --refresh lists them)")
@@ -116,9 +122,18 @@ def record(run: Run, inst: Instance) -> None:
     run.update_state(instances=rows)
 
 
-def nodes_for(recipe: Recipe, insts: list[Instance], key: Path) -> list[Node]:
+def nodes_for(recipe: Recipe, insts: list[Instance], key: Path, note: Note | None = None) -> list[Node]:
     """SSH nodes for the instances; FTL_RENTAL_SSH_USER replaces the provider's login user (root on RunPod,
-    ubuntu on Lambda) for images that use another one."""
+    ubuntu on Lambda) for images that use another one. Ranks meet on the private addresses; an instance
+    without one (Lambda's `private_ip` is optional) makes every rank meet on the public ones, said aloud,
+    since the inter-node traffic then takes the public network the estimate did not assume."""
     user = os.environ.get("FTL_RENTAL_SSH_USER")
+    missing = [i.name for i in insts if not i.private_ip]
+    public = len(insts) > 1 and bool(missing)
+    if public and note is not None:
+        note(f"ftl: {', '.join(missing)} reported no private address: the ranks meet on public addresses, and "
+             "inter-node traffic goes over the public network (slower than the profile's inter_node_bandwidth_gbps "
+             "the estimate used)")
     return [Node(rank=r, host=str(i.ssh_host), port=int(i.ssh_port or 22), user=user or i.ssh_user, key=str(key),
-                 address=i.private_ip or i.ssh_host, python=recipe.cluster.python) for r, i in enumerate(insts)]
+                 address=str(i.ssh_host) if public or not i.private_ip else i.private_ip, python=recipe.cluster.python)
+            for r, i in enumerate(insts)]
