@@ -299,6 +299,7 @@ class FakeRunPod(_Fake):
         self.clusters: dict[str, dict[str, Any]] = {}
         self.capacity_detail = RUNPOD_NO_CAPACITY
         self.refuse: dict[tuple[str, str, str], tuple[int, str]] = {}  # (gpu id, data center, cloud) -> answer
+        self.unreachable: list[str] = []  # pods whose image never started sshd
         self.cluster_gpus: set[str] | None = None  # GPU ids with Instant Cluster stock (None: as for pods)
         self.keep_terminated = False  # True: GET of a deleted pod answers TERMINATED instead of 404
 
@@ -383,11 +384,20 @@ class FakeRunPod(_Fake):
     def _gpu(self, gpu_id: str) -> dict[str, Any] | None:
         return next((g for g in self.gpus if g["id"] == gpu_id), None)
 
+    def _hook(self, rec: dict[str, Any]) -> None:
+        """sshd starts only in images that honour RunPod's PUBLIC_KEY convention (its own images, per the document's
+        `startSsh`), or where the start command starts it: only then is the instance reachable (on_create)."""
+        if rec["image"].startswith("runpod/") or "sshd" in (rec.get("args") or ""):
+            super()._hook(rec)
+        else:
+            self.unreachable.append(rec["id"])
+
     def _record(self, body: dict[str, Any], name: str, gpu_id: str, count: int, cloud: str, dc: str,
                 **extra: Any) -> dict[str, Any]:
         g = self._gpu(gpu_id) or {}
         price = (g.get("price") or {}).get(cloud.lower()) or 0
-        return self._new_record(id=uuid.uuid4().hex[:14], name=name, image=body.get("image") or "", disk=body.get("disk", 50),
+        return self._new_record(id=uuid.uuid4().hex[:14], name=name, image=body.get("image") or "", args=body.get("args") or "",
+                                disk=body.get("disk", 50),
                                 ports=list(body.get("ports") or []), env=dict(body.get("env") or {}),
                                 mounts=body.get("mounts"), gpu_id=gpu_id, gpu_count=count, cloud=cloud, dc=dc,
                                 cost=round(price * count, 4), **extra)

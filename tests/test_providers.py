@@ -113,6 +113,23 @@ def test_runpod_pod_asks_for_the_images_cuda_and_cluster_nodes_get_the_nccl_inte
         p.terminate(i["id"])
 
 
+def test_runpod_reaches_pods_on_any_image_through_its_own_sshd_start(fake_runpod, clock):
+    """RunPod starts sshd from PUBLIC_KEY only in images that honour its convention (its own): other images get
+    ftl's start-up as the documented `args`; RunPod's own keep their start-up."""
+    made = []
+    fake_runpod.on_create = lambda pod: made.append(pod["image"]) or {}
+    p = provider("runpod", clock)
+    p.create("ftl-img-0", RP_H100, PUB)
+    p.create("ftl-img-1", RP_H100, PUB, image="nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04")
+    bodies = [r["json"] for r in _reqs(fake_runpod, "POST", "/v2/pods")]
+    assert "args" not in bodies[0]
+    assert "sshd" in bodies[1]["args"] and "$PUBLIC_KEY" in bodies[1]["args"] and "authorized_keys" in bodies[1]["args"]
+    assert bodies[1]["gpu"]["minCudaVersion"] == "12.8"
+    assert len(made) == 2 and fake_runpod.unreachable == []  # both started sshd
+    for i in fake_runpod.running():
+        p.terminate(i["id"])
+
+
 def test_lambda_offers_cents_per_instance_and_capacity(fake_lambda, clock):
     p = provider("lambda", clock)
     one = p.offers()

@@ -20,6 +20,13 @@ Clusters: stock is read with `product=CLUSTER`, and only SECURE offers are clust
 has no cloud tier). Members get NCCL_SOCKET_IFNAME=ens1 (RunPod's Instant Cluster notes: inter-node traffic
 is on ens1..ens8, eth0 is the internet) unless the profile's env sets it.
 
+Other images: RunPod starts sshd from PUBLIC_KEY "only [in] images that honor the convention (all RunPod
+official images do)" (`CreatePodRequest.startSsh`). For an image outside `runpod/` ftl passes its own start-up
+as `args` ("arguments passed to the container entrypoint"): authorise PUBLIC_KEY, start sshd (installing
+openssh-server with apt-get when it is missing), then stay up. That reaches images with no ENTRYPOINT of their
+own, or one that runs its arguments (most base images: ubuntu, nvidia/cuda, pytorch/pytorch); an image whose
+ENTRYPOINT ignores them still cannot be reached, and the wait for SSH then times out.
+
 CUDA: a pod asks for a host whose CUDA is at least the image's (`gpu.minCudaVersion`, from a `cuXYZ` tag such
 as the default image's cu1281 -> 12.8); the cluster request has no such field.
 """
@@ -42,6 +49,13 @@ DEFAULT_DISK_GB = 50
 CLOUDS = ("SECURE", "COMMUNITY")
 STATUS = {"PROVISIONING": "pending", "STARTING": "pending", "RUNNING": "running", "EXITED": "stopped",
           "ERROR": "error", "TERMINATED": "terminated"}
+RUNPOD_IMAGES = "runpod/"  # the images that honour RunPod's PUBLIC_KEY -> sshd convention
+SSHD_START = ("sh -c 'mkdir -p /root/.ssh && chmod 700 /root/.ssh && printf \"%s\\n\" \"$PUBLIC_KEY\" >> "
+              "/root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys; "
+              "command -v sshd >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && "
+              "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }; "
+              "mkdir -p /run/sshd; ssh-keygen -A >/dev/null 2>&1; $(command -v sshd || echo /usr/sbin/sshd) -e; "
+              "exec sleep infinity'")  # ftl's own sshd start-up for images outside RUNPOD_IMAGES
 NEXT_CANDIDATE = (400, 403)  # the document: "Try your next candidate" / "Skip this candidate, keep going"
 CLUSTER_IFNAME = {"NCCL_SOCKET_IFNAME": "ens1"}
 _CUDA_TAG = re.compile(r"(?:^|[^a-z])cu(?:da)?(\d{2})\.?(\d)(?:\.?\d)?(?:[^0-9]|$)", re.I)
@@ -71,8 +85,12 @@ def to_instance(pod: dict[str, Any]) -> Instance:
 
 
 def min_cuda(image: str) -> str | None:
-    """The CUDA version an image's tag names, as RunPod's `major.minor` (cu1281 -> 12.8, cuda12.4.1 -> 12.4)."""
-    m = _CUDA_TAG.search(image.rsplit(":", 1)[-1]) if ":" in image else None
+    """The CUDA version an image's tag names, as RunPod's `major.minor` (cu1281 -> 12.8, cuda12.4.1 -> 12.4,
+    nvidia/cuda:12.8.1-... -> 12.8)."""
+    if ":" not in image:
+        return None
+    repo, tag = image.rsplit(":", 1)
+    m = _CUDA_TAG.search(tag) or (re.match(r"(\d{2})\.(\d)", tag) if repo.endswith("cuda") else None)
     return f"{int(m.group(1))}.{m.group(2)}" if m else None
 
 
@@ -128,8 +146,13 @@ class RunPod(Provider):
     def _container(self, ssh_public_key: str, image: str | None, disk_gb: int | None,
                    env: dict[str, str] | None) -> dict[str, Any]:
         key = ssh_public_key.strip()
-        return {"image": image or DEFAULT_IMAGE, "disk": int(disk_gb or DEFAULT_DISK_GB), "ports": ["22/tcp"],
-                "env": {**{str(k): str(v) for k, v in (env or {}).items()}, "PUBLIC_KEY": key, "SSH_PUBLIC_KEY": key}}
+        img = image or DEFAULT_IMAGE
+        out: dict[str, Any] = {"image": img, "disk": int(disk_gb or DEFAULT_DISK_GB), "ports": ["22/tcp"],
+                               "env": {**{str(k): str(v) for k, v in (env or {}).items()}, "PUBLIC_KEY": key,
+                                       "SSH_PUBLIC_KEY": key}}
+        if not img.startswith(RUNPOD_IMAGES):
+            out["args"] = SSHD_START
+        return out
 
     def _capacity(self, e: ProviderError, offer: Offer) -> ProviderError:
         if e.status in NEXT_CANDIDATE:
