@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from launcher.cloud import get_provider
 from launcher.cloud import prices as P
+from launcher.cloud.http import ATTEMPTS
 from launcher.spec.catalog import gpus
+from tests.fake_providers import FakeLambda, FakeRunPod
 from tests.openapi_check import document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,7 +129,7 @@ def fakes(monkeypatch, tmp_path):
     monkeypatch.setenv("RUNPOD_API_KEY", RP_KEY)
     monkeypatch.setenv("LAMBDA_API_KEY", LM_KEY)
     monkeypatch.setenv("FTL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(P, "BACKOFF_S", 0.01)
+    monkeypatch.setenv("FTL_PRICES_BACKOFF_S", "0.01")
     yield rp, lm
     rp.close()
     lm.close()
@@ -226,7 +229,7 @@ def test_500_gives_the_providers_message_after_retries(fakes):
     with pytest.raises(P.PriceError) as e:
         P.fetch("runpod")
     assert "upstream exploded" in str(e.value) and "after 4 attempts" in str(e.value)
-    assert len(rp.requests) == P.ATTEMPTS and RP_KEY not in str(e.value)
+    assert len(rp.requests) == ATTEMPTS and RP_KEY not in str(e.value)  # the providers' one retry policy
     lm.failures = [503] * 10
     with pytest.raises(P.PriceError, match="Something unexpected occurred"):
         P.fetch("lambda")
@@ -242,6 +245,36 @@ def test_bad_key_is_not_retried_and_shows_the_message(fakes, monkeypatch):
     assert "wrong-key-123" not in msg and len(lm.requests) == 1
 
 
+def test_refresh_reads_the_key_from_credentials_yaml_as_launch_does(fakes, monkeypatch, tmp_path):
+    """One credential lookup: a key only in credentials.yaml is used by `ftl prices --refresh` too."""
+    rp, _ = fakes
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "credentials.yaml").write_text(f"runpod:\n  api_key: {RP_KEY}\n")
+    (cfg / "credentials.yaml").chmod(0o600)
+    monkeypatch.setenv("FTL_CONFIG_DIR", str(cfg))
+    rows, _ = P.fetch("runpod")
+    assert rows and rp.requests[-1][1]["Authorization"] == f"Bearer {RP_KEY}"
+
+
+def test_offers_and_prices_read_the_catalog_the_same_way(monkeypatch):
+    """One parse (launcher.cloud.catalogs): the price `ftl prices --refresh` shows for a GPU and tier is the
+    price of the offer `ftl launch` would rent, for one GPU, against the same fake RunPod and Lambda."""
+    with FakeRunPod() as rp, FakeLambda() as lm:
+        monkeypatch.setenv("FTL_RUNPOD_API_URL", rp.url)
+        monkeypatch.setenv("RUNPOD_API_KEY", rp.key)
+        monkeypatch.setenv("FTL_LAMBDA_API_URL", lm.url)
+        monkeypatch.setenv("LAMBDA_API_KEY", lm.key)
+        rows, _ = P.fetch("runpod")
+        offers = get_provider("runpod").offers("rtx-4090")
+        by_tier = {r.tier: r.usd_per_gpu_hour for r in rows if r.gpu == "rtx-4090"}
+        assert by_tier == {o.cloud_type.lower(): o.price_per_hour for o in offers} == {"secure": 0.44, "community": 0.31}
+        rows, _ = P.fetch("lambda", request_interval_s=0.0)
+        offer = get_provider("lambda", request_interval_s=0.0).offers("h100-sxm", gpus=8)[0]
+        assert [r.usd_per_gpu_hour for r in rows if r.gpu == "h100-sxm"] == [round(offer.price_per_hour / 8, 4)]
+
+
 def test_missing_key_names_the_env_var(fakes, monkeypatch):
     monkeypatch.delenv("RUNPOD_API_KEY")
     with pytest.raises(P.PriceError, match="RUNPOD_API_KEY"):
@@ -252,9 +285,8 @@ def test_missing_key_names_the_env_var(fakes, monkeypatch):
 
 def test_unreachable_server_times_out_and_fails_cleanly(fakes, monkeypatch):
     monkeypatch.setenv("FTL_LAMBDA_API_URL", "http://127.0.0.1:9")  # discard port: nothing listens
-    monkeypatch.setattr(P, "ATTEMPTS", 2)
     with pytest.raises(P.PriceError, match="failed after 2 attempts"):
-        P.fetch("lambda")
+        P.fetch("lambda", attempts=2)
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

@@ -38,8 +38,9 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from launcher.spec.catalog import find_gpu, gpu_key
+from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.core.errors import FtlError
+from launcher.cloud.catalogs import runpod_gpus, runpod_key, runpod_price
 from launcher.cloud.base import Instance, NoCapacity, Offer, Provider, ProviderError, ProviderTimeout
 from launcher.cloud.credentials import api_key
 from launcher.cloud.http import JsonClient, create_once
@@ -117,6 +118,10 @@ class RunPod(Provider):
     def check_key(self) -> None:
         self.http.request("GET", "/v2/pods")
 
+    def price_catalog(self) -> Any:
+        """The GPU catalog without stock: list prices per GPU and tier (what `ftl prices --refresh` reads)."""
+        return self.http.request("GET", str(provider_facts()["runpod"]["prices_path"]))
+
     # --- offers ----------------------------------------------------------------------------------
 
     def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
@@ -124,15 +129,15 @@ class RunPod(Provider):
         for cloud in ("SECURE",) if cluster else CLOUDS:
             data = self.http.request("GET", "/v2/catalog/gpus", params={
                 "include": "AVAILABILITY", "product": "CLUSTER" if cluster else "POD", "count": gpus, "cloud": cloud})
-            for g in (data or {}).get("gpus") or []:
+            for g in runpod_gpus(data) or []:
                 tier = cloud.lower()
-                usd = (g.get("price") or {}).get(tier)
-                if not g.get(tier) or not usd or gpus > int((g.get("maxCount") or {}).get(tier) or 0):
+                usd = runpod_price(g, tier)
+                if usd is None or gpus > int((g.get("maxCount") or {}).get(tier) or 0):
                     continue
-                key = gpu_key(g.get("id"), g.get("name"))
+                key = runpod_key(g)
                 if not _matches(gpu, key, str(g["id"])):
                     continue
-                price = round(float(usd) * gpus, 4)
+                price = round(usd * gpus, 4)
                 dcs = g.get("dataCenters") or []
                 rows = [(dc.get("id"), dc.get("availability")) for dc in dcs] or [(None, g.get("availability", "NONE"))]
                 for region, level in rows:
