@@ -23,6 +23,7 @@ from launcher.cloud.http import JsonClient
 from launcher.core.files import iso_epoch
 from launcher.rundir.cost import spend
 from launcher.spec.recipe import load_recipe
+from tests.openapi_check import document
 
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeFakeFakeFakeFakeFakeFakeFakeFakeFake ftl@test"
@@ -571,3 +572,33 @@ def test_lambda_without_private_ip_meets_on_public_addresses_and_bills_from_ftls
         == ["127.0.0.1", "127.0.0.1"] and quiet == []
     for i in insts:
         p.terminate(i.id)
+
+
+# --- the documents themselves ------------------------------------------------------------------------
+
+
+def test_the_schema_check_accepts_the_documents_examples_and_refuses_the_old_fake_shapes():
+    """tests/openapi_check.py finds the right schema: every response example RunPod's document gives validates
+    (241 of them), and the shapes the fakes used to send are refused."""
+    rp, lm = document("runpod"), document("lambda")
+    n = 0
+    for tpl, ops in rp.doc["paths"].items():
+        for method, op in ops.items():
+            for status, resp in (op.get("responses") or {}).items() if method in ("get", "post", "patch", "delete") else ():
+                for ctype, content in (rp._deref(resp).get("content") or {}).items():
+                    for ex in (content.get("examples") or {}).values():
+                        if "value" in rp._deref(ex):
+                            n += 1
+                            code = 200 if status == "default" else int(status)
+                            path = tpl.replace("{id}", "x").replace("{workerId}", "w")
+                            assert rp.response_problems(method.upper(), path, code, rp._deref(ex)["value"], ctype) == []
+    assert n > 200
+    gpu = {"id": "g", "name": "G", "pool": None, "manufacturer": "NVIDIA", "memory": 80, "secure": True,
+           "community": False, "price": {"secure": 1.0, "community": None}, "maxCount": {"secure": 8, "community": 0}}
+    assert rp.response_problems("GET", "/v2/catalog/gpus", 200, {"gpus": [gpu]}, "application/json")
+    assert rp.response_problems("GET", "/v2/pods", 200, {"pods": [{"id": "p"}]}, "application/json")
+    assert lm.response_problems("GET", "/api/v1/instances", 401, {"error": {"code": "global/invalid-api-key",
+                                                                              "message": "no"}}, "application/json")
+    assert lm.response_problems("GET", "/api/v1/instances", 429, None, "application/json") == []  # silent
+    assert ("GET", "/api/v1/instances", 429) in lm.silent
+    assert rp.request_problems("POST", "/v2/pods", {"name": "x", "gpu": {"id": "g", "minCudaVersion": "12"}})
