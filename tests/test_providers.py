@@ -602,3 +602,12 @@ def test_the_schema_check_accepts_the_documents_examples_and_refuses_the_old_fak
     assert lm.response_problems("GET", "/api/v1/instances", 429, None, "application/json") == []  # silent
     assert ("GET", "/api/v1/instances", 429) in lm.silent
     assert rp.request_problems("POST", "/v2/pods", {"name": "x", "gpu": {"id": "g", "minCudaVersion": "12"}})
+
+
+def test_provision_says_when_every_offer_answered_a_bare_400(fake_runpod, clock, tmp_path):
+    """RunPod's document: a 400 on every candidate is more likely a rule the request breaks than capacity."""
+    fake_runpod.gpus[0]["dataCenters"].append({"id": "US-GA-1", "name": "US Georgia 1", "availability": "MEDIUM"})
+    fake_runpod.no_capacity = True
+    with pytest.raises(RentalError, match="every offer answered 400 without a code"):
+        provision(_run(tmp_path, "b-0"), _recipe(tmp_path, provider="runpod", gpu="h100-sxm"), provider("runpod", clock),
+                  PUB, lambda _: None, lambda: None)

@@ -3,9 +3,9 @@
 Why one client: both providers want the same care. Every call has a timeout; calls are paced at the
 provider's documented request rate (catalog/providers.yaml `request_interval_s`: Lambda 1/s); 429 (honouring
 Retry-After, else waiting at least `rate_limited_wait_s`: Lambda documents no Retry-After), 5xx and network
-errors are retried a bounded number of times with exponential backoff and jitter; other 4xx are never retried; errors carry the provider's own message (RunPod problem+json,
-Lambda {"error": {...}}); and the API key, sent as `Authorization: Bearer <key>`, never reaches an
-exception, a repr or a log line.
+errors are retried a bounded number of times with exponential backoff and jitter; other 4xx are never
+retried; errors carry the provider's own message (RunPod problem+json, Lambda {"error": {...}}); and the
+API key, sent as `Authorization: Bearer <key>`, never reaches an exception, a repr or a log line.
 
 A POST is not repeated after a 5xx or a lost response unless the caller says it is idempotent: RunPod
 can answer 5xx yet create (and bill) the pod, so creates look themselves up by name instead (see

@@ -51,7 +51,7 @@ def provision(run: Run, recipe: Recipe, prov: Any, public_key: str, note: Note,
                           "region or provider (ftl prices --refresh lists them)")
     env = {"FTL_RUN_ID": run.id}
     tried: list[str] = []
-    statuses: list[int | None] = []
+    uncoded_400s = 0  # answers that are only "400" with a human text: capacity, or a rule the request breaks
     for offer in offers:
         where = f"{offer.gpus}x {offer.gpu_type} {offer.region or ''} at ${offer.price_per_hour:g}/h".strip()
         note(f"ftl: renting {cl.nodes} x {where} on {name}")
@@ -59,16 +59,15 @@ def provision(run: Run, recipe: Recipe, prov: Any, public_key: str, note: Note,
             insts = _create(run, recipe, prov, offer, public_key, env)
         except NoCapacity as e:
             tried.append(f"{where}: {e}")
-            statuses.append(e.status)
+            uncoded_400s += e.status == 400 and e.code is None
             note(f"ftl: {where} not placed ({e.status or 'no capacity'}); trying the next offer" if offer is not offers[-1]
                  else f"ftl: {where} not placed ({e.status or 'no capacity'})")
             teardown()
             continue
         break
     else:
-        hint = ("; every offer answered 400, which may mean the request itself breaks a rule (RunPod's document: "
-                "read the last answer as a problem with the request)" if statuses and all(s == 400 for s in statuses)
-                and len(statuses) > 1 else "")
+        hint = ("; every offer answered 400 without a code, which may mean the request itself breaks a rule (RunPod's "
+                "document: read the last answer as a problem with the request)" if uncoded_400s == len(tried) > 1 else "")
         raise RentalError(f"{name}: no capacity for {what}; tried {len(tried)} offer(s): " + "; ".join(tried) + hint)
     timeout = env_float("FTL_PROVIDER_READY_TIMEOUT_S", READY_TIMEOUT_S) or READY_TIMEOUT_S
     ready = []
