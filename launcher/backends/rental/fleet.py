@@ -198,9 +198,11 @@ def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], li
     runs = list_runs()
     found: list[Instance] = []
     unqueried: list[str] = []
+    clients: dict[str, Any] = {}  # one per provider: its pace and retries cover every call
     for name in providers if providers is not None else list(RENTED):
         try:
-            insts = client(name).list(prefix="ftl-")
+            clients[name] = client(name)
+            insts = clients[name].list(prefix="ftl-")
         except ProviderError as e:
             unqueried.append(f"{name}: {e}")
             continue
@@ -214,7 +216,7 @@ def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], li
     gone = []
     for inst in found:
         try:
-            client(inst.provider).terminate(inst.id)
+            clients[inst.provider].terminate(inst.id)
         except ProviderError as e:
             errors.append(f"{inst.name} ({inst.id}): {e}")
             continue
