@@ -121,5 +121,5 @@ def test_could_not_terminate_only_when_something_was_created(tmp_path):
         res = _ftl(tmp_path, "launch", SMOKE, "--cluster", _profile(tmp_path, "runpod"), "--yes", env=_at(fake))
         assert res.returncode != 0, res.stderr
         out = res.stdout + res.stderr
-        assert "COULD NOT TERMINATE" not in out and "could not check for instances" in out, out[-2000:]
+        assert "COULD NOT TERMINATE" not in out and "could not check runpod for instances" in out, out[-2000:]
         assert fake.instances == {} and fake.key not in out

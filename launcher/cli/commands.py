@@ -401,7 +401,7 @@ def down(
 
     if (run is None) == (not orphans):
         fail(FtlError("give a RUN or --orphans (not both)"))
-    unqueried: list[str] = []
+    unqueried: dict[str, str] = {}
     try:
         if orphans:
             names = [p.strip().lower() for p in providers or []]
@@ -411,7 +411,7 @@ def down(
             found, errors, unqueried = fleet.down_orphans(names or None)
             for inst in found:
                 err_console.print(f"terminated {inst.provider} {escape(inst.name)} ({inst.id})", highlight=False)
-            asked = [n for n in (names or RENTED) if not any(u.startswith(f"{n}:") for u in unqueried)]
+            asked = [n for n in (names or RENTED) if n not in unqueried]
             if not found and not errors and asked:
                 err_console.print(f"no orphaned ftl-* instances at {', '.join(asked)}", highlight=False)
         else:
@@ -420,18 +420,18 @@ def down(
             r = _find(run)
             td = fleet.down_run(r)
             errors = td.failed
-            unqueried = [td.unqueried] if td.unqueried else []
+            unqueried = {td.provider: td.unqueried} if td.provider and td.unqueried else {}
             err_console.print(f"run {r.id}: terminated {len(td.done)} instance(s)"
                               + (f": {', '.join(td.done)}" if td.done else ""), highlight=False)
     except FtlError as e:
         fail(e)
-    for u in unqueried:
-        err_console.print(f"[red]could not query[/] {escape(u)}", highlight=False, soft_wrap=True)
+    for name, why in unqueried.items():
+        err_console.print(f"[red]could not query {name}[/]: {escape(why)}", highlight=False, soft_wrap=True)
     if errors:
         fail(FtlError("could not terminate: " + "; ".join(errors)))
     if unqueried:
-        fail(FtlError("could not query " + ", ".join(u.split(":", 1)[0] for u in unqueried)
-                      + ": instances there may still run (set the key, then run this again)"))
+        fail(FtlError(f"could not query {', '.join(unqueried)}: instances there may still run (set the key, then "
+                      "run this again)"))
 
 
 def _find(ref: Optional[str]):

@@ -264,7 +264,7 @@ class RentalBackend(Backend):
         if td.failed:  # only what was created can fail to terminate
             self._note(run, "ftl: COULD NOT TERMINATE: " + "; ".join(td.failed) + f" (retry: ftl down {run.id})")
         elif td.unqueried:
-            self._note(run, f"ftl: could not check for instances named after the run ({td.unqueried}); "
+            self._note(run, f"ftl: could not check {td.provider} for instances named after the run ({td.unqueried}); "
                             f"check with: ftl down {run.id}")
         return td.done
 

@@ -48,9 +48,10 @@ def _rank_suffix(name: str, run_id: str) -> bool:
 
 @dataclass
 class Teardown:
-    """What terminating a run's instances came to: names terminated, instances that could not be, and the
-    provider that could not be asked for instances named after the run (no key, refused key, unreachable)."""
+    """What terminating a run's instances came to: names terminated, instances that could not be, and why the
+    provider could not be asked for instances named after the run (no key, refused key, unreachable)."""
 
+    provider: str | None
     done: list[str]
     failed: list[str]
     unqueried: str | None = None
@@ -61,13 +62,13 @@ def terminate_run(run: Run, prov: Any = None) -> Teardown:
     st = run.state()
     name = (st.get("rental") or {}).get("provider") or st.get("backend")
     if name not in RENTED:
-        return Teardown([], [])
+        return Teardown(None, [], [])
     rows = list(st.get("instances") or [])
     ids = {r["id"]: r for r in rows if not r.get("terminated_at")}
     try:
         prov = prov or client(name)
     except ProviderError as e:
-        return Teardown([], [f"{r.get('name') or iid}: {e}" for iid, r in ids.items()], f"{name}: {e}")
+        return Teardown(name, [], [f"{r.get('name') or iid}: {e}" for iid, r in ids.items()], str(e))
     failed: list[str] = []
     unqueried = None
     try:
@@ -76,7 +77,7 @@ def terminate_run(run: Run, prov: Any = None) -> Teardown:
             if inst.id not in ids:
                 ids[inst.id] = {"id": inst.id, "name": inst.name}
     except ProviderError as e:
-        unqueried = f"{name}: listing instances: {e}"
+        unqueried = f"listing instances: {e}"
     done: list[str] = []
     for iid, row in ids.items():
         try:
@@ -95,7 +96,7 @@ def terminate_run(run: Run, prov: Any = None) -> Teardown:
         key = run.dir / "ssh" / "id_ed25519"
         if key.exists() and not any(not r.get("terminated_at") for r in rows):
             key.unlink()  # useless now; a private key left on disk is only a risk
-    return Teardown(done, failed, unqueried)
+    return Teardown(name, done, failed, unqueried)
 
 
 def salvage(run: Run) -> bool:
@@ -191,20 +192,20 @@ def rented_rows(now: float | None = None) -> list[RentedRow]:
     return rows
 
 
-def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], list[str], list[str]]:
+def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], list[str], dict[str, str]]:
     """Terminate the live ftl-* instances that belong to no live run, at each of `providers` (default: every
-    rental provider). ([terminated], [errors], [providers that could not be asked, with why]): a provider
+    rental provider). ([terminated], [errors], {provider that could not be asked: why}): a provider
     without a key or refusing it is named, never taken for one without orphans."""
     runs = list_runs()
     found: list[Instance] = []
-    unqueried: list[str] = []
+    unqueried: dict[str, str] = {}
     clients: dict[str, Any] = {}  # one per provider: its pace and retries cover every call
     for name in providers if providers is not None else list(RENTED):
         try:
             clients[name] = client(name)
             insts = clients[name].list(prefix="ftl-")
         except ProviderError as e:
-            unqueried.append(f"{name}: {e}")
+            unqueried[name] = str(e)
             continue
         found += [i for i in insts if (r := owner(i, runs)) is None or not live_run(r)]
     errors = []
