@@ -10,14 +10,20 @@ What they keep: instances in memory, pending -> running after `ready_after_polls
 (or `ready_after_s` seconds). Test knobs:
 
 * `fail_next(status, n=1, path_prefix=None, retry_after=0)`: the next n matching requests fail (429s carry Retry-After);
-* `no_capacity = True`: creates answer the documented no-capacity error;
+* `no_capacity = True`: creates answer the documented no-capacity error (RunPod: a 400 in the wording
+  `capacity_detail`, one of RUNPOD_NO_CAPACITY_WORDINGS); RunPod `refuse[(gpu id, data center, cloud)] =
+  (status, detail)`: that one candidate's answer;
 * `never_ready = True`: instances stay pending;
 * `on_create(instance_view) -> dict | None`: return {"ssh_host", "ssh_port", "private_ip"} to point the
   reported SSH endpoint at a real sshd (default 127.0.0.1:22, private IP 127.0.0.1);
 * `running()`: public views of the instances not terminated; `requests`: what came in (auth value removed).
 
-Invented where providers.md says UNCONFIRMED: RunPod's no-capacity `detail` text (RunPod's GraphQL wording),
-the names RunPod gives cluster member pods, Lambda's 429 body, and 404 for a pod or instance once deleted.
+Every answer, and every request body a client sends, is checked against the provider's OpenAPI document
+(tests/providers_openapi/, via tests/openapi_check.py); leaving the `with` block fails the test on any
+mismatch. Where the documents are silent the fakes answer in several plausible forms: RunPod's capacity
+wording, Lambda's 429 (with or without Retry-After, with or without a body), Lambda's `private_ip` (an
+optional field: `omit_private_ip`), the names RunPod gives cluster member pods, and 404 for a pod or
+instance once deleted.
 """
 
 from __future__ import annotations
@@ -36,10 +42,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from tests.openapi_check import document
+
 RUNPOD_KEY = "rpa_FAKE0runpod0secret0key0123456789"
 LAMBDA_KEY = "secret_FAKE0lambda0key0abcdef0123456789"
-RUNPOD_NO_CAPACITY = ("There are no longer any instances available with the requested specifications. "
-                      "Please refresh and try again.")
+# RunPod's document says a capacity failure is a 400 whose `detail` is human text ("this GPU and data center
+# combination could not be placed") and gives no wording: the fake answers in any of these (capacity_detail)
+RUNPOD_NO_CAPACITY_WORDINGS = (
+    "GPU type {gpu} could not be placed in the requested data centers.",
+    "There are no longer any instances available with the requested specifications. Please refresh and try again.",
+    "This machine does not have the resources to deploy your pod. Please try a different machine.",
+)
+RUNPOD_NO_CAPACITY = RUNPOD_NO_CAPACITY_WORDINGS[0]
 
 Reply = tuple[int, Any, dict[str, str]]
 
@@ -52,6 +66,7 @@ class _Fake:
     """Server plumbing shared by both fakes: auth, request log, fault injection, lifecycle."""
 
     default_key = ""
+    provider = ""  # whose OpenAPI document (tests/providers_openapi/) every request and answer is checked against
 
     def __init__(self, key: str | None = None, ready_after_polls: int = 2, ready_after_s: float | None = None):
         self.key = key or self.default_key
@@ -61,6 +76,9 @@ class _Fake:
         self.on_create: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
         self.requests: list[dict[str, Any]] = []
         self.crashes: list[str] = []
+        self.request_problems: list[str] = []  # client bodies the document refuses
+        self.response_problems: list[str] = []  # answers of this fake the document refuses (a fake bug)
+        self.check_requests = True  # False in a test that sends bad bodies on purpose
         self.instances: dict[str, dict[str, Any]] = {}  # id -> record (internal; views are built per answer)
         self._faults: list[dict[str, Any]] = []
         self._lock = threading.RLock()
@@ -104,15 +122,29 @@ class _Fake:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+        if exc[0] is None:
+            self.assert_documented()
+
+    def assert_documented(self) -> None:
+        """Every answer was one the provider's document allows, and so was every request body a client sent."""
+        assert not self.response_problems, "the fake answered outside its document:\n" + "\n".join(self.response_problems)
+        if self.check_requests:
+            assert not self.request_problems, "a client sent what the document refuses:\n" + "\n".join(self.request_problems)
 
     # --- test knobs ------------------------------------------------------------------------------
 
-    def fail_next(self, status_code: int, n: int = 1, path_prefix: str | None = None, retry_after: float = 0,
-                  message: str | None = None) -> None:
-        """The next n requests whose path starts with path_prefix (any, if None) answer status_code."""
+    def fail_next(self, status_code: int, n: int = 1, path_prefix: str | None = None,
+                  retry_after: float | None = None, message: str | None = None, empty: bool = False,
+                  method: str | None = None) -> None:
+        """The next n requests whose path starts with path_prefix (any, if None), of `method` (any, if None),
+        answer status_code.
+
+        429s: RunPod documents Retry-After (0 unless given); Lambda documents none, so its 429 carries one only
+        when retry_after is given. empty: no body at all (what a proxy in front of the API may send)."""
         with self._lock:
             self._faults += [{"status": status_code, "prefix": path_prefix, "retry_after": retry_after,
-                              "message": message}] * n
+                              "message": message, "empty": empty,
+                              "method": method}] * n
 
     def running(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -179,7 +211,8 @@ class _Fake:
                 status, out, extra = self.error(401, "missing bearer token" if not h.headers.get("Authorization")
                                                 else "invalid bearer token", "global/invalid-api-key")
             else:
-                fault = next((f for f in self._faults if not f["prefix"] or parts.path.startswith(f["prefix"])), None)
+                fault = next((f for f in self._faults if (not f["prefix"] or parts.path.startswith(f["prefix"]))
+                              and f["method"] in (None, h.command)), None)
                 if fault is not None:
                     self._faults.remove(fault)
                     status, out, extra = self.fault(fault)
@@ -192,6 +225,11 @@ class _Fake:
                         self.crashes.append(repr(e))
                         status, out, extra = self.error(500, f"fake crashed: {e!r}")
                 extra = {**self.extra_headers(), **extra}
+            doc = document(self.provider)
+            if self.authorized(h.headers.get("Authorization", "")):
+                self.request_problems += doc.request_problems(h.command, parts.path, body)
+            self.response_problems += doc.response_problems(h.command, parts.path, status, out,
+                                                            extra.get("Content-Type", "application/json"))
         data = b"" if out is None else json.dumps(out).encode()
         h.send_response(status)
         ctype = extra.pop("Content-Type", "application/json")
@@ -209,8 +247,10 @@ class _Fake:
         msg = f["message"] or {429: "rate limit exceeded for the minute window", 500: "internal server error",
                                502: "bad gateway", 503: "service unavailable"}.get(status, "injected failure")
         s, out, extra = self.error(status, msg, "global/internal-error" if status >= 500 else "global/invalid-parameters")
-        if status == 429:
-            extra = {**extra, "Retry-After": f"{f['retry_after']:g}"}
+        if f["empty"]:
+            out, extra = None, {}
+        if status == 429 and (f["retry_after"] is not None or self.provider == "runpod"):
+            extra = {**extra, "Retry-After": f"{f['retry_after'] or 0:g}"}
         return s, out, extra
 
 
@@ -229,11 +269,11 @@ RUNPOD_GPUS: list[dict[str, Any]] = [
      "maxCount": {"secure": 8, "community": 4}, "availability": "HIGH",
      "dataCenters": [{"id": "US-KS-2", "name": "US Kansas 2", "availability": "HIGH"}]},
     {"id": "NVIDIA A100-SXM4-80GB", "name": "A100 SXM", "pool": "AMPERE_80", "manufacturer": "NVIDIA", "memory": 80,
-     "secure": True, "community": False, "price": {"secure": 1.74, "community": None, "serverless": 2.72},
+     "secure": True, "community": False, "price": {"secure": 1.74, "community": 0.0, "serverless": 2.72},
      "maxCount": {"secure": 8, "community": 0}, "availability": "LOW",
      "dataCenters": [{"id": "US-TX-3", "name": "US Texas 3", "availability": "LOW"}]},
     {"id": "NVIDIA RTX PRO 6000 Blackwell", "name": "RTX PRO 6000", "pool": "BLACKWELL_96", "manufacturer": "NVIDIA",
-     "memory": 96, "secure": True, "community": False, "price": {"secure": 1.84, "community": None, "serverless": 2.5},
+     "memory": 96, "secure": True, "community": False, "price": {"secure": 1.84, "community": 0.0, "serverless": 2.5},
      "maxCount": {"secure": 8, "community": 0}, "availability": "MEDIUM",
      "dataCenters": [{"id": "EU-RO-1", "name": "EU Romania 1", "availability": "MEDIUM"}]},
 ]
@@ -251,11 +291,16 @@ class FakeRunPod(_Fake):
     """RunPod REST v2 under /v2: catalog/gpus, pods (CRUD + action), clusters (+ members)."""
 
     default_key = RUNPOD_KEY
+    provider = "runpod"
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self.gpus = json.loads(json.dumps(RUNPOD_GPUS))
         self.clusters: dict[str, dict[str, Any]] = {}
+        self.capacity_detail = RUNPOD_NO_CAPACITY
+        self.refuse: dict[tuple[str, str, str], tuple[int, str]] = {}  # (gpu id, data center, cloud) -> answer
+        self.unreachable: list[str] = []  # pods whose image never started sshd
+        self.cluster_gpus: set[str] | None = None  # GPU ids with Instant Cluster stock (None: as for pods)
         self.keep_terminated = False  # True: GET of a deleted pod answers TERMINATED instead of 404
 
     def error(self, status: int, message: str, code: str | None = None, errors: list[str] | None = None) -> Reply:
@@ -292,17 +337,19 @@ class FakeRunPod(_Fake):
                         "ERROR": ["start", "terminate"], "TERMINATED": []}.get(st, ["stop", "terminate"]),
             "mounts": rec.get("mounts") or {}, "gpu": {"id": rec["gpu_id"], "count": rec["gpu_count"]},
             "cloud": rec["cloud"], "dataCenterId": rec["dc"], "cudaVersion": "12.8",
+            # proxy: null until the pod has a machine; direct: null until 22/tcp has a public port; runtime: null
+            # unless RUNNING (the document's PodSsh and Pod.runtime)
             "ssh": {"proxy": {"host": "ssh.runpod.io", "port": 22, "username": f"{pid}-64411eb2",
-                              "command": f"ssh {pid}-64411eb2@ssh.runpod.io"},
+                              "command": f"ssh {pid}-64411eb2@ssh.runpod.io"} if st in ("STARTING", "RUNNING") else None,
                     "direct": {"host": rec["ssh_host"], "port": rec["ssh_port"], "username": "root",
                                "command": f"ssh root@{rec['ssh_host']} -p {rec['ssh_port']}"} if ssh22 else None},
             "template": None, "cost": rec["cost"], "locked": False, "globalNetworking": {"enabled": False},
             "runtime": {"uptime": 1, "ports": [{"private": 22, "public": rec["ssh_port"], "type": "tcp",
-                                                "ip": rec["ssh_host"]}] if ssh22 else []} if up else {},
+                                                "ip": rec["ssh_host"]}] if ssh22 else []} if up else None,
             "createdAt": rec["created_at"], "startedAt": rec["created_at"] if up else None,
         }
         if rec.get("cluster_id"):
-            pod["cluster"] = {"id": rec["cluster_id"], "rank": rec["rank"], "role": None, "ip": rec["private_ip"]}
+            pod["cluster"] = {"id": rec["cluster_id"], "rank": rec["rank"], "ip": rec["private_ip"]}  # no role: TRAINING
         return pod
 
     def cluster_view(self, c: dict[str, Any]) -> dict[str, Any]:
@@ -337,11 +384,20 @@ class FakeRunPod(_Fake):
     def _gpu(self, gpu_id: str) -> dict[str, Any] | None:
         return next((g for g in self.gpus if g["id"] == gpu_id), None)
 
+    def _hook(self, rec: dict[str, Any]) -> None:
+        """sshd starts only in images that honour RunPod's PUBLIC_KEY convention (its own images, per the document's
+        `startSsh`), or where the start command starts it: only then is the instance reachable (on_create)."""
+        if rec["image"].startswith("runpod/") or "sshd" in (rec.get("args") or ""):
+            super()._hook(rec)
+        else:
+            self.unreachable.append(rec["id"])
+
     def _record(self, body: dict[str, Any], name: str, gpu_id: str, count: int, cloud: str, dc: str,
                 **extra: Any) -> dict[str, Any]:
         g = self._gpu(gpu_id) or {}
         price = (g.get("price") or {}).get(cloud.lower()) or 0
-        return self._new_record(id=uuid.uuid4().hex[:14], name=name, image=body.get("image") or "", disk=body.get("disk", 50),
+        return self._new_record(id=uuid.uuid4().hex[:14], name=name, image=body.get("image") or "", args=body.get("args") or "",
+                                disk=body.get("disk", 50),
                                 ports=list(body.get("ports") or []), env=dict(body.get("env") or {}),
                                 mounts=body.get("mounts"), gpu_id=gpu_id, gpu_count=count, cloud=cloud, dc=dc,
                                 cost=round(price * count, 4), **extra)
@@ -404,6 +460,9 @@ class FakeRunPod(_Fake):
         cloud = q.get("cloud", "SECURE")
         if cloud not in ("SECURE", "COMMUNITY"):
             return self.error(422, "Request validation failed.", errors=[f"cloud: unknown value {cloud!r}"])
+        products = set(q.get("product", "").split(",")) - {""}
+        if products - {"POD", "CLUSTER", "SERVERLESS"}:
+            return self.error(422, "Request validation failed.", errors=[f"product: unknown value {q['product']!r}"])
         count = int(q.get("count", "1"))
         out = []
         for g in self.gpus:
@@ -411,9 +470,13 @@ class FakeRunPod(_Fake):
             if "include" in q:
                 tier = cloud.lower()
                 fits = bool(g.get(tier)) and count <= int((g.get("maxCount") or {}).get(tier) or 0)
+                if products == {"CLUSTER"}:  # Instant Cluster stock: its own (cluster_gpus), SECURE only
+                    fits = fits and cloud == "SECURE" and (self.cluster_gpus is None or g["id"] in self.cluster_gpus)
                 row["availability"] = g.get("availability", "NONE") if fits else "NONE"
-                row["dataCenters"] = [{**dc, "availability": dc["availability"] if fits else "NONE"}
-                                      for dc in g.get("dataCenters") or []]
+                # only the data centers that offer it now; none at all when it is unavailable everywhere
+                dcs = [dc for dc in g.get("dataCenters") or [] if fits and dc["availability"] != "NONE"]
+                if dcs:
+                    row["dataCenters"] = dcs
             out.append(row)
         return 200, {"gpus": out}, {}
 
@@ -442,9 +505,12 @@ class FakeRunPod(_Fake):
         g = self._gpu(gpu["id"])
         if g is None:
             return self.error(400, f"unknown gpu type id {gpu['id']!r}")
-        if self.no_capacity:
-            return self.error(400, RUNPOD_NO_CAPACITY)
         dcs = body.get("dataCenterIds") or []
+        refused = self.refuse.get((gpu["id"], dcs[0] if dcs else "", body.get("cloud", "SECURE")))
+        if refused:
+            return self.error(*refused)
+        if self.no_capacity:
+            return self.error(400, self.capacity_detail.format(gpu=gpu["id"]))
         rec = self._record(body, body["name"], gpu["id"], gpu.get("count", 1), body.get("cloud", "SECURE"),
                            dcs[0] if dcs else "US-TX-3")
         self._hook(rec)
@@ -494,7 +560,7 @@ class FakeRunPod(_Fake):
         if self._gpu(comp["gpuTypeId"]) is None:
             return self.error(400, f"unknown gpu type id {comp['gpuTypeId']!r}")
         if self.no_capacity:
-            return self.error(400, RUNPOD_NO_CAPACITY)
+            return self.error(400, self.capacity_detail.format(gpu=comp["gpuTypeId"]))
         cid = "cluster_" + uuid.uuid4().hex[:8]
         dcs = body.get("dataCenterIds") or []
         dc = dcs[0] if dcs else "US-TX-3"
@@ -553,12 +619,14 @@ class FakeLambda(_Fake):
     """Lambda Cloud API v1 under /api/v1: instance-types, launch, instances, terminate, ssh-keys."""
 
     default_key = LAMBDA_KEY
+    provider = "lambda"
 
     def __init__(self, *a: Any, **kw: Any):
         super().__init__(*a, **kw)
         self.instance_types = json.loads(json.dumps(LAMBDA_TYPES))
         self.ssh_keys: list[dict[str, str]] = []
         self.launch_interval_s: float | None = None  # set to enforce Lambda's 1 launch / 12 s with 429s
+        self.omit_private_ip = False
         self._last_launch: float | None = None
 
     def authorized(self, header: str) -> bool:
@@ -596,8 +664,10 @@ class FakeLambda(_Fake):
                              "reason_description": "The instance has not launched yet."})
                         for a in ("migrate", "rebuild", "restart", "cold_reboot", "terminate")},
         }
-        if st == "active":
-            d.update(ip=rec["ssh_host"], private_ip=rec["private_ip"], hostname=rec.get("hostname") or rec["ssh_host"])
+        if st == "active":  # private_ip is optional in the document: omit_private_ip leaves it out
+            d.update(ip=rec["ssh_host"], hostname=rec.get("hostname") or rec["ssh_host"])
+            if not self.omit_private_ip:
+                d["private_ip"] = rec["private_ip"]
         return d
 
     def route(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> Reply:
@@ -667,8 +737,7 @@ class FakeLambda(_Fake):
             return self._invalid(f"instance_type_name: unknown instance type {tname!r}.")
         now = time.monotonic()
         if self.launch_interval_s and self._last_launch is not None and now - self._last_launch < self.launch_interval_s:
-            s, out, extra = self.error(429, "")
-            return s, out, {**extra, "Retry-After": f"{self.launch_interval_s - (now - self._last_launch):.0f}"}
+            return self.error(429, "")  # no Retry-After: Lambda's document promises none
         capacity = [r["name"] for r in self.instance_types[tname]["regions_with_capacity_available"]]
         if self.no_capacity or body["region_name"] not in capacity:
             return self.error(400, "Not enough capacity to fulfill launch request.",

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from launcher.cloud import get_provider
 from launcher.cloud import prices as P
+from launcher.cloud.http import ATTEMPTS
 from launcher.spec.catalog import gpus
+from tests.fake_providers import FakeLambda, FakeRunPod
+from tests.openapi_check import document
 
 ROOT = Path(__file__).resolve().parent.parent
 RP_KEY = "rpa_SECRET_runpod_key_1234567890"
@@ -28,13 +32,13 @@ RUNPOD_GPUS = {"gpus": [
      "secure": True, "community": True, "price": {"secure": 0.44, "community": 0.31, "serverless": 1.1},
      "maxCount": {"secure": 8, "community": 4}},
     {"id": "NVIDIA A100-SXM4-80GB", "name": "A100 SXM", "pool": "AMPERE_80", "manufacturer": "NVIDIA", "memory": 80,
-     "secure": True, "community": False, "price": {"secure": 1.74, "community": None, "serverless": 2.72},
+     "secure": True, "community": False, "price": {"secure": 1.74, "community": 0.0, "serverless": 2.72},
      "maxCount": {"secure": 8, "community": 0}},
     {"id": "NVIDIA A100 80GB PCIe", "name": "A100 PCIe", "pool": "AMPERE_80", "manufacturer": "NVIDIA", "memory": 80,
      "secure": True, "community": True, "price": {"secure": 1.64, "community": 1.19, "serverless": 2.72},
      "maxCount": {"secure": 8, "community": 8}},
     {"id": "NVIDIA RTX PRO 6000 Blackwell", "name": "RTX PRO 6000", "pool": "BLACKWELL_96", "manufacturer": "NVIDIA",
-     "memory": 96, "secure": True, "community": False, "price": {"secure": 1.84, "community": None, "serverless": 2.5},
+     "memory": 96, "secure": True, "community": False, "price": {"secure": 1.84, "community": 0.0, "serverless": 2.5},
      "maxCount": {"secure": 8, "community": 0}},
 ]}
 
@@ -59,10 +63,11 @@ LAMBDA_TYPES = {"data": {
 
 
 class Fake:
-    """A provider on 127.0.0.1: a queue of scripted failures, then the documented success body."""
+    """A provider on 127.0.0.1: a queue of scripted failures, then the documented success body; every answer is
+    checked against the provider's OpenAPI document (tests/providers_openapi/)."""
 
     def __init__(self, kind: str):
-        self.kind, self.failures, self.requests = kind, [], []
+        self.kind, self.failures, self.requests, self.problems = kind, [], [], []
         fake = self
 
         class H(BaseHTTPRequestHandler):
@@ -70,6 +75,7 @@ class Fake:
                 pass
 
             def _send(self, code, body, ctype="application/json", headers=None):
+                fake.problems += document(fake.kind).response_problems("GET", self.path.split("?")[0], code, body, ctype)
                 data = json.dumps(body).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
@@ -123,10 +129,11 @@ def fakes(monkeypatch, tmp_path):
     monkeypatch.setenv("RUNPOD_API_KEY", RP_KEY)
     monkeypatch.setenv("LAMBDA_API_KEY", LM_KEY)
     monkeypatch.setenv("FTL_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(P, "BACKOFF_S", 0.01)
+    monkeypatch.setenv("FTL_PRICES_BACKOFF_S", "0.01")
     yield rp, lm
     rp.close()
     lm.close()
+    assert not rp.problems and not lm.problems, rp.problems + lm.problems
 
 
 # --- shipped data ----------------------------------------------------------------------------------
@@ -222,7 +229,7 @@ def test_500_gives_the_providers_message_after_retries(fakes):
     with pytest.raises(P.PriceError) as e:
         P.fetch("runpod")
     assert "upstream exploded" in str(e.value) and "after 4 attempts" in str(e.value)
-    assert len(rp.requests) == P.ATTEMPTS and RP_KEY not in str(e.value)
+    assert len(rp.requests) == ATTEMPTS and RP_KEY not in str(e.value)  # the providers' one retry policy
     lm.failures = [503] * 10
     with pytest.raises(P.PriceError, match="Something unexpected occurred"):
         P.fetch("lambda")
@@ -238,6 +245,36 @@ def test_bad_key_is_not_retried_and_shows_the_message(fakes, monkeypatch):
     assert "wrong-key-123" not in msg and len(lm.requests) == 1
 
 
+def test_refresh_reads_the_key_from_credentials_yaml_as_launch_does(fakes, monkeypatch, tmp_path):
+    """One credential lookup: a key only in credentials.yaml is used by `ftl prices --refresh` too."""
+    rp, _ = fakes
+    monkeypatch.delenv("RUNPOD_API_KEY")
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "credentials.yaml").write_text(f"runpod:\n  api_key: {RP_KEY}\n")
+    (cfg / "credentials.yaml").chmod(0o600)
+    monkeypatch.setenv("FTL_CONFIG_DIR", str(cfg))
+    rows, _ = P.fetch("runpod")
+    assert rows and rp.requests[-1][1]["Authorization"] == f"Bearer {RP_KEY}"
+
+
+def test_offers_and_prices_read_the_catalog_the_same_way(monkeypatch):
+    """One parse (launcher.cloud.catalogs): the price `ftl prices --refresh` shows for a GPU and tier is the
+    price of the offer `ftl launch` would rent, for one GPU, against the same fake RunPod and Lambda."""
+    with FakeRunPod() as rp, FakeLambda() as lm:
+        monkeypatch.setenv("FTL_RUNPOD_API_URL", rp.url)
+        monkeypatch.setenv("RUNPOD_API_KEY", rp.key)
+        monkeypatch.setenv("FTL_LAMBDA_API_URL", lm.url)
+        monkeypatch.setenv("LAMBDA_API_KEY", lm.key)
+        rows, _ = P.fetch("runpod")
+        offers = get_provider("runpod").offers("rtx-4090")
+        by_tier = {r.tier: r.usd_per_gpu_hour for r in rows if r.gpu == "rtx-4090"}
+        assert by_tier == {o.cloud_type.lower(): o.price_per_hour for o in offers} == {"secure": 0.44, "community": 0.31}
+        rows, _ = P.fetch("lambda", request_interval_s=0.0)
+        offer = get_provider("lambda", request_interval_s=0.0).offers("h100-sxm", gpus=8)[0]
+        assert [r.usd_per_gpu_hour for r in rows if r.gpu == "h100-sxm"] == [round(offer.price_per_hour / 8, 4)]
+
+
 def test_missing_key_names_the_env_var(fakes, monkeypatch):
     monkeypatch.delenv("RUNPOD_API_KEY")
     with pytest.raises(P.PriceError, match="RUNPOD_API_KEY"):
@@ -248,9 +285,8 @@ def test_missing_key_names_the_env_var(fakes, monkeypatch):
 
 def test_unreachable_server_times_out_and_fails_cleanly(fakes, monkeypatch):
     monkeypatch.setenv("FTL_LAMBDA_API_URL", "http://127.0.0.1:9")  # discard port: nothing listens
-    monkeypatch.setattr(P, "ATTEMPTS", 2)
     with pytest.raises(P.PriceError, match="failed after 2 attempts"):
-        P.fetch("lambda")
+        P.fetch("lambda", attempts=2)
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

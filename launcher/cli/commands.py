@@ -303,6 +303,9 @@ def launch(
             raise FtlError("--budget and --deadline guard rented GPUs (a runpod or lambda cluster profile)")
         render_files(p)
         if dry_run:
+            missing = fleet.key_problem(p.recipe.cluster.provider) if p.recipe.cluster.provider in RENTED else None
+            if missing:
+                p.warnings = [*(p.warnings or []), missing]
             if as_json:
                 out = {"dry_run": True, **launch_summary(p), "plan": p.plan.to_json(), "files": p.files,
                        "command": p.spec.argv, "env": p.spec.env, "unset": p.spec.unset}
@@ -487,33 +490,51 @@ def _rented_table() -> None:
 @app.command()
 def down(
     run: Optional[str] = typer.Argument(None, help="Run id or directory whose rented instances to terminate."),
-    orphans: bool = typer.Option(False, "--orphans", help="Terminate every ftl-* instance, at each provider with a "
-                                 "key configured, that belongs to no live run."),
+    orphans: bool = typer.Option(False, "--orphans", help="Terminate every ftl-* instance, at each rental provider, "
+                                 "that belongs to no live run."),
+    providers: Optional[list[str]] = typer.Option(None, "--provider", help="With --orphans: ask only this provider "
+                                                  "(repeatable; default: every rental provider)."),
 ) -> None:
     """Terminate rented instances: a run's (ftl down RUN), or those a killed ftl left behind (ftl down --orphans).
 
     When the run's ftl process is gone but its nodes still train, they are first asked to save a checkpoint,
     and its results are fetched into the run directory (at most FTL_STOP_GRACE_S), so that
-    `ftl launch --resume RUN` can continue it."""
+    `ftl launch --resume RUN` can continue it. A provider that could not be asked (no API key, a refused key,
+    unreachable) is named, and the command exits non-zero."""
 
     if (run is None) == (not orphans):
         fail(FtlError("give a RUN or --orphans (not both)"))
+    unqueried: dict[str, str] = {}
     try:
         if orphans:
-            found, errors = fleet.down_orphans()
+            names = [p.strip().lower() for p in providers or []]
+            bad = [n for n in names if n not in RENTED]
+            if bad:
+                raise FtlError(f"--provider {bad[0]!r}: not a rental provider; give one of {', '.join(RENTED)}")
+            found, errors, unqueried = fleet.down_orphans(names or None)
             for inst in found:
                 err_console.print(f"terminated {inst.provider} {escape(inst.name)} ({inst.id})", highlight=False)
-            if not found:
-                err_console.print("no orphaned ftl-* instances", highlight=False)
+            asked = [n for n in (names or RENTED) if n not in unqueried]
+            if not found and not errors and asked:
+                err_console.print(f"no orphaned ftl-* instances at {', '.join(asked)}", highlight=False)
         else:
+            if providers:
+                raise FtlError("--provider goes with --orphans; ftl down RUN asks the run's own provider")
             r = _find(run)
-            gone, errors = fleet.down_run(r)
-            err_console.print(f"run {r.id}: terminated {len(gone)} instance(s)" + (f": {', '.join(gone)}" if gone else ""),
-                              highlight=False)
+            td = fleet.down_run(r)
+            errors = td.failed
+            unqueried = {td.provider: td.unqueried} if td.provider and td.unqueried else {}
+            err_console.print(f"run {r.id}: terminated {len(td.done)} instance(s)"
+                              + (f": {', '.join(td.done)}" if td.done else ""), highlight=False)
     except FtlError as e:
         fail(e)
+    for name, why in unqueried.items():
+        err_console.print(f"[red]could not query {name}[/]: {escape(why)}", highlight=False, soft_wrap=True)
     if errors:
         fail(FtlError("could not terminate: " + "; ".join(errors)))
+    if unqueried:
+        fail(FtlError(f"could not query {', '.join(unqueried)}: instances there may still run (set the key, then "
+                      "run this again)"))
 
 
 def _find(ref: Optional[str]):

@@ -10,7 +10,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from launcher.core.errors import FtlError
 
@@ -59,6 +59,7 @@ class Offer:
     region: str | None  # RunPod data center id, Lambda region name; None = let the provider choose
     available: bool
     cloud_type: str | None = None  # RunPod "SECURE" | "COMMUNITY"; None for Lambda
+    public_ip: bool = True  # False: the instance may get no public address, so SSH may never reach it
 
 
 @dataclass
@@ -121,13 +122,24 @@ class Provider(ABC):
 
     name: str
     poll_s: float = 5.0
+    http: Any  # the provider's one HTTP client (launcher.cloud.http.JsonClient)
 
     def __init__(self, sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
         self.sleep, self.clock = sleep, clock
 
     @abstractmethod
-    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
-        """Offers for `gpus` GPUs per instance, cheapest available first; `gpu` is a catalog name or provider id."""
+    def check_key(self) -> None:
+        """One authenticated read, so a refused key stops a launch before anything is asked or written
+        (AuthError on 401, ProviderError otherwise)."""
+
+    @abstractmethod
+    def price_catalog(self) -> Any:
+        """The provider's answer listing its list prices (catalogs.py parses it, for offers and `ftl prices`)."""
+
+    @abstractmethod
+    def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
+        """Offers for `gpus` GPUs per instance, cheapest available first; `gpu` is a catalog name or provider id;
+        `cluster`: offers that `create_cluster` can rent (RunPod: Instant Cluster stock, SECURE only)."""
 
     @abstractmethod
     def create(self, name: str, offer: Offer, ssh_public_key: str, image: str | None = None,
@@ -176,6 +188,9 @@ class Provider(ABC):
             f"{self.name}: instance {id} ({last.name}) not ready after {timeout_s:g}s "
             f"(status {last.raw_status}, ssh {last.ssh_host or '-'}:{last.ssh_port or '-'}); terminate it or wait longer",
             provider=self.name)
+
+    def close(self) -> None:
+        self.http.close()
 
     def __repr__(self) -> str:  # never the key
         return f"<{type(self).__name__} provider={self.name}>"

@@ -1,10 +1,11 @@
 """JSON over HTTP for the provider clients, and where their API keys come from.
 
-Why one client: both providers want the same care. Every call has a timeout; 429 (honouring
-Retry-After), 5xx and network errors are retried a bounded number of times with exponential backoff and
-jitter; other 4xx are never retried; errors carry the provider's own message (RunPod problem+json,
-Lambda {"error": {...}}); and the API key, sent as `Authorization: Bearer <key>`, never reaches an
-exception, a repr or a log line.
+Why one client: both providers want the same care. Every call has a timeout; calls are paced at the
+provider's documented request rate (catalog/providers.yaml `request_interval_s`: Lambda 1/s); 429 (honouring
+Retry-After, else waiting at least `rate_limited_wait_s`: Lambda documents no Retry-After), 5xx and network
+errors are retried a bounded number of times with exponential backoff and jitter; other 4xx are never
+retried; errors carry the provider's own message (RunPod problem+json, Lambda {"error": {...}}); and the
+API key, sent as `Authorization: Bearer <key>`, never reaches an exception, a repr or a log line.
 
 A POST is not repeated after a 5xx or a lost response unless the caller says it is idempotent: RunPod
 can answer 5xx yet create (and bill) the pod, so creates look themselves up by name instead (see
@@ -58,13 +59,20 @@ class JsonClient:
     """One provider's API: base URL, key, retry policy. `sleep` and `rng` are injectable for tests."""
 
     def __init__(self, provider: str, key: str, base: str | None = None, *, sleep: Callable[[float], None] = time.sleep,
-                 timeout_s: float = TIMEOUT_S, attempts: int = ATTEMPTS, backoff_s: float = BACKOFF_S,
-                 retry_after_cap_s: float = RETRY_AFTER_CAP_S, rng: Callable[[], float] = random.random,
-                 transport: httpx.BaseTransport | None = None):
+                 clock: Callable[[], float] = time.monotonic, timeout_s: float = TIMEOUT_S, attempts: int = ATTEMPTS,
+                 backoff_s: float = BACKOFF_S, retry_after_cap_s: float = RETRY_AFTER_CAP_S,
+                 request_interval_s: float | None = None, rate_limited_wait_s: float | None = None,
+                 rng: Callable[[], float] = random.random, transport: httpx.BaseTransport | None = None):
         self.provider, self.base = provider, (base or base_url(provider)).rstrip("/")
         self._key = key
-        self.key_env = provider_facts()[provider]["key_env"]
-        self.sleep, self.rng = sleep, rng
+        facts = provider_facts()[provider]
+        self.key_env = facts["key_env"]
+        self.sleep, self.clock, self.rng = sleep, clock, rng
+        self.request_interval_s = float(facts.get("request_interval_s") or 0.0) if request_interval_s is None \
+            else request_interval_s
+        self.rate_limited_wait_s = float(facts.get("rate_limited_wait_s") or 0.0) if rate_limited_wait_s is None \
+            else rate_limited_wait_s
+        self._last_request: float | None = None
         self.attempts, self.backoff_s, self.retry_after_cap_s = max(1, attempts), backoff_s, retry_after_cap_s
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_s), follow_redirects=True, transport=transport,
                                   headers={"Accept": "application/json", "User-Agent": "ftl-providers"})
@@ -81,6 +89,14 @@ class JsonClient:
     def _backoff(self, attempt: int) -> float:
         return min(self.backoff_s * 2 ** (attempt - 1), BACKOFF_CAP_S) * (0.5 + self.rng())
 
+    def _pace(self) -> None:
+        """At most one call per request_interval_s (the provider's documented rate)."""
+        if self.request_interval_s > 0 and self._last_request is not None:
+            wait = self._last_request + self.request_interval_s - self.clock()
+            if wait > 0:
+                self.sleep(wait)
+        self._last_request = self.clock()
+
     def request(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
                 idempotent: bool | None = None) -> Any:
         """The decoded JSON answer (None for an empty body); ProviderError / AuthError otherwise."""
@@ -90,6 +106,7 @@ class JsonClient:
         last = ""
         for attempt in range(1, self.attempts + 1):
             wait = self._backoff(attempt)
+            self._pace()
             try:
                 resp = self._http.request(method, url, json=json, params=params,
                                           headers={"Authorization": f"Bearer {self._key}"})
@@ -111,11 +128,11 @@ class JsonClient:
                 if not retryable:
                     raise self._error(resp.status_code, msg, code, method, path)
                 ra = resp.headers.get("Retry-After")
-                if resp.status_code == 429 and ra is not None:
+                if resp.status_code == 429:
                     try:
-                        wait = min(max(float(ra), 0.0), self.retry_after_cap_s)
-                    except ValueError:
-                        pass  # an HTTP-date: keep the backoff
+                        wait = min(max(float(ra), 0.0), self.retry_after_cap_s)  # type: ignore[arg-type]
+                    except (TypeError, ValueError):  # none, or an HTTP-date: a whole documented window at least
+                        wait = max(wait, self.rate_limited_wait_s)
             if attempt < self.attempts:
                 log.info("%s: %s %s: %s; retrying in %.1fs (%d/%d)", self.provider, method, path, last, wait,
                          attempt, self.attempts - 1)

@@ -3,7 +3,8 @@
 Facts that shape this module (providers.md part 2):
 * prices are integer cents per hour for the whole instance; `regions_with_capacity_available` is the stock;
 * launch takes exactly one SSH key *name* and starts one instance per call (quantity > 1 is refused),
-  at most one launch per 12 s, so multi-node = N launches, ranked by launch order (kept in a tag);
+  at most one launch per 12 s and one request per second (catalog/providers.yaml, from Lambda's OpenAPI
+  document), so multi-node = N launches, ranked by launch order (kept in a tag);
 * there is no env, disk or port field: env goes in through cloud-init `user_data`, disk comes with the type;
 * SSH is `ubuntu@<ip>:22`; `ip` / `private_ip` appear once the instance leaves `booting`.
 """
@@ -17,30 +18,20 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from launcher.spec.catalog import find_gpu
-from launcher.spec.catalog import gpu_key as catalog_gpu_key
+from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.core.errors import FtlError
+from launcher.cloud.catalogs import lambda_types
 from launcher.cloud.base import Instance, NoCapacity, Offer, Provider, ProviderError
 from launcher.cloud.credentials import api_key
 from launcher.cloud.http import JsonClient, create_once, log
 
 API = "/api/v1"
 SSH_USER = "ubuntu"
-LAUNCH_INTERVAL_S = 12.0
 STATUS = {"booting": "pending", "unhealthy": "pending", "active": "running", "terminating": "terminated",
           "terminated": "terminated", "preempted": "terminated"}
 CAPACITY_CODE = "instance-operations/launch/insufficient-capacity"
 NAME_TAG, RANK_TAG = "ftl-name", "ftl-rank"
-_TYPE = re.compile(r"^gpu_(\d+)x_(.+)$")
 _UUID = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.I)
-
-
-def type_gpu_key(instance_type: dict[str, Any]) -> str | None:
-    """Catalog key of a Lambda instance type, the way `ftl prices` maps them."""
-    name = str(instance_type.get("name") or "")
-    m = _TYPE.match(name)
-    desc = str(instance_type.get("gpu_description") or "")
-    return catalog_gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
 
 
 def _tags(d: dict[str, Any]) -> dict[str, str]:
@@ -82,15 +73,24 @@ class Lambda(Provider):
 
     def __init__(self, key: str | None = None, base_url: str | None = None, *, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic, poll_s: float = 10.0,
-                 launch_interval_s: float = LAUNCH_INTERVAL_S, **http: Any):
+                 launch_interval_s: float | None = None, **http: Any):
         super().__init__(sleep, clock)
-        self.poll_s, self.launch_interval_s = poll_s, launch_interval_s
+        self.poll_s = poll_s
+        self.launch_interval_s = float(provider_facts()["lambda"]["launch_interval_s"]) if launch_interval_s is None \
+            else launch_interval_s  # Lambda's documented launch limit
         self._last_launch: float | None = None
-        self.http = JsonClient("lambda", key or api_key("lambda"), base_url, sleep=sleep, **http)
+        self.http = JsonClient("lambda", key or api_key("lambda"), base_url, sleep=sleep, clock=clock, **http)
+
+    def check_key(self) -> None:
+        self.http.request("GET", f"{API}/instances")
+
+    def price_catalog(self) -> Any:
+        """The instance types with prices and stock (offers and `ftl prices --refresh` read the same answer)."""
+        return self.http.request("GET", str(provider_facts()["lambda"]["prices_path"]))
 
     # --- offers ----------------------------------------------------------------------------------
 
-    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
+    def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
         want = None
         if gpu is not None:
             try:
@@ -98,19 +98,13 @@ class Lambda(Provider):
             except FtlError:
                 want = None
         out: list[Offer] = []
-        for tname, entry in ((self.http.request("GET", f"{API}/instance-types") or {}).get("data") or {}).items():
-            it = (entry or {}).get("instance_type") or {}
-            tname = str(it.get("name") or tname)
-            n = int((it.get("specs") or {}).get("gpus") or 0)
-            cents = it.get("price_cents_per_hour")
-            if n != gpus or n <= 0 or cents is None or "general" in tname:
+        for t in lambda_types(self.price_catalog()) or []:
+            if t.gpus != gpus:
                 continue
-            key = type_gpu_key(it)
-            if gpu is not None and gpu.lower() != tname.lower() and (want is None or key != want):
+            if gpu is not None and gpu.lower() != t.name.lower() and (want is None or t.key != want):
                 continue
-            regions = [r.get("name") for r in entry.get("regions_with_capacity_available") or [] if r.get("name")]
-            for region in regions or [None]:
-                out.append(Offer("lambda", key, tname, n, round(cents / 100, 4), region, available=region is not None))
+            for region in t.regions or (None,):
+                out.append(Offer("lambda", t.key, t.name, t.gpus, t.usd_per_hour, region, available=region is not None))
         return sorted(out, key=lambda o: (not o.available, o.price_per_hour, o.gpu_type, o.region or ""))
 
     # --- SSH keys --------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Every price is on-demand USD per GPU-hour for one GPU catalog key, in one provider tier:
 
-Where each provider's prices come from is data (catalog/providers.yaml); the calls go through the one HTTP
-client of the providers (launcher.cloud.http):
+Where each provider's prices come from is data (catalog/providers.yaml); the calls go through the provider's
+own client (launcher.cloud.get_provider: the one HTTP client, retry policy, key lookup and scrubber that
+renting uses), and the answers are parsed by launcher.cloud.catalogs, as the offers are:
 
 * runpod / secure, runpod / community: `GET {FTL_RUNPOD_API_URL or https://api.runpod.io}/v2/catalog/gpus`
   with `Authorization: Bearer $RUNPOD_API_KEY`; `price.secure` / `price.community` are USD per GPU.
@@ -23,8 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
-import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,18 +31,15 @@ from typing import Any, Iterable
 
 import yaml
 
+from launcher.cloud import get_provider
 from launcher.cloud.base import AuthError, ProviderError
-from launcher.cloud.credentials import api_key
+from launcher.cloud.catalogs import RUNPOD_TIERS, lambda_types, runpod_gpus, runpod_key, runpod_price
 from launcher.core.errors import FtlError
 from launcher.core.files import write_atomic
-from launcher.spec.catalog import CATALOG_DIR, cache_root, find_gpu, gpu_key, provider_facts
+from launcher.spec.catalog import CATALOG_DIR, cache_root, find_gpu, provider_facts
 from launcher.spec.recipe import PRICE_STALE_DAYS, RENTED
 
 STALE_DAYS = PRICE_STALE_DAYS
-TIMEOUT_S = 15.0  # per HTTP call
-ATTEMPTS = 4  # first try + 3 retries on 429 / 5xx / network errors
-BACKOFF_S = 1.0  # doubled after each retry; a 429's Retry-After wins (capped)
-RETRY_AFTER_CAP_S = 30.0
 
 PROVIDERS = RENTED  # whose live prices ftl reads (facts: catalog/providers.yaml)
 
@@ -155,74 +151,59 @@ def _keep_lowest(rows: dict[tuple[str, str], Price], p: Price) -> None:
 
 def parse_runpod(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
     """Rows from a v2 `GET /v2/catalog/gpus` answer ({"gpus": [...]}) and the GPU ids not in the catalog."""
-    gpus = data.get("gpus") if isinstance(data, dict) else None
-    if not isinstance(gpus, list):
+    gpus = runpod_gpus(data)
+    if gpus is None:
         raise PriceError("runpod: the answer has no 'gpus' list")
     rows: dict[tuple[str, str], Price] = {}
     unknown = []
     src = provider_facts()["runpod"]["prices_source"]
     for g in gpus:
-        key = gpu_key(g.get("id"), g.get("name"))
+        key = runpod_key(g)
         if key is None:
             unknown.append(str(g.get("id")))
             continue
-        price = g.get("price") or {}
-        for tier in ("secure", "community"):
-            usd = price.get(tier)
-            if g.get(tier) is False or not usd:
-                continue
-            _keep_lowest(rows, Price("runpod", tier, key, float(usd), fetched_at[:10], src, fetched_at, str(g.get("id"))))
+        for tier in RUNPOD_TIERS:
+            usd = runpod_price(g, tier)
+            if usd is not None:
+                _keep_lowest(rows, Price("runpod", tier, key, usd, fetched_at[:10], src, fetched_at, str(g.get("id"))))
     return list(rows.values()), unknown
-
-
-_LAMBDA_TYPE = re.compile(r"^gpu_(\d+)x_(.+)$")
 
 
 def parse_lambda(data: Any, fetched_at: str) -> tuple[list[Price], list[str]]:
     """Rows from `GET /api/v1/instance-types` ({"data": {name: {"instance_type": {...}, ...}}})."""
-    types = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(types, dict):
+    types = lambda_types(data)
+    if types is None:
         raise PriceError("lambda: the answer has no 'data' map of instance types")
     rows: dict[tuple[str, str], Price] = {}
     unknown = []
     src = provider_facts()["lambda"]["prices_source"]
-    for name, entry in types.items():
-        it = (entry or {}).get("instance_type") or {}
-        name = it.get("name") or name
-        m = _LAMBDA_TYPE.match(name)
-        n = int((it.get("specs") or {}).get("gpus") or (m.group(1) if m else 0) or 0)
-        cents = it.get("price_cents_per_hour")
-        if n <= 0 or "general" in name or cents is None:
-            continue  # CPU-only types
-        desc = str(it.get("gpu_description") or "")
-        key = gpu_key(name, m.group(2) if m else None, f"gpu_1x_{m.group(2)}" if m else None, desc.split(" (")[0] or None)
-        if key is None:
-            unknown.append(name)
+    for t in types:
+        if t.key is None:
+            unknown.append(t.name)
             continue
-        _keep_lowest(rows, Price("lambda", "on-demand", key, round(float(cents) / 100 / n, 4), fetched_at[:10], src,
-                                 fetched_at, name))
+        _keep_lowest(rows, Price("lambda", "on-demand", t.key, round(t.cents_per_hour / 100 / t.gpus, 4),
+                                 fetched_at[:10], src, fetched_at, t.name))
     return list(rows.values()), unknown
 
 
-def fetch(provider: str, now: dt.datetime | None = None) -> tuple[list[Price], list[str]]:
-    """Live prices of one provider through the providers' HTTP client (timeouts, retries on 429/5xx, the key
-    scrubbed); PriceError naming the env var when no key is configured."""
+def fetch(provider: str, now: dt.datetime | None = None, **options: Any) -> tuple[list[Price], list[str]]:
+    """Live prices of one provider through its client (get_provider: timeouts, retries on 429/5xx, the key from
+    the env var or credentials.yaml, scrubbed); PriceError naming the env var when no key is configured.
+    `options` go to the client (tests: attempts, sleep); FTL_PRICES_BACKOFF_S shortens the backoff."""
     if provider not in PROVIDERS:
         raise PriceError(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}")
     facts = provider_facts()[provider]
+    if os.environ.get("FTL_PRICES_BACKOFF_S"):
+        options.setdefault("backoff_s", float(os.environ["FTL_PRICES_BACKOFF_S"]))
     try:
-        key = api_key(provider)
+        client = get_provider(provider, **options)
     except AuthError:
         raise PriceError(f"{provider}: set {facts['key_env']} to read live prices (an API key from the {provider} "
-                         "console); showing the shipped prices") from None
-    from launcher.cloud.http import JsonClient  # httpx boundary: `ftl prices` without --refresh stays light
-
+                         f"console, or '{provider}: {{api_key: ...}}' in credentials.yaml); showing the shipped "
+                         "prices") from None
     fetched_at = (now or dt.datetime.now(dt.timezone.utc)).isoformat(timespec="seconds")
-    client = JsonClient(provider, key, sleep=time.sleep, timeout_s=TIMEOUT_S, attempts=ATTEMPTS,
-                        backoff_s=float(os.environ.get("FTL_PRICES_BACKOFF_S") or BACKOFF_S),
-                        retry_after_cap_s=RETRY_AFTER_CAP_S)
     try:
-        data = client.request("GET", facts["prices_path"])
+        data = client.price_catalog()
     except ProviderError as e:
         raise PriceError(str(e)) from None
     finally:

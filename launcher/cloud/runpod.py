@@ -6,7 +6,29 @@ avoids `startSsh`, which injects the *account's* key set that only a whole-set P
 between concurrent launches). The endpoint is `ssh.direct` (public IP + mapped port, user root), else
 the `runtime.ports` entry for private port 22; the `ssh.proxy` endpoint is a shell-only relay and is not used.
 
-Capacity: v2 has no capacity code; "no capacity" is a 400 on create whose `detail` says so.
+Placement (the v2 document's create-pod guidance): a 400 is "breaks a cross-field rule, or could not be
+placed" and a 403 "your account cannot access the requested pool"; both mean "try your next candidate", so
+both come back as NoCapacity (with RunPod's own `detail`), and the caller reports every candidate's answer
+when none placed. Capacity has no code of its own, so no wording is matched. 402 (no balance) and 422 (bad
+body) stop at once.
+
+Community pods may get no public IP, and v2's create has no `supportPublicIp` (v1/GraphQL had it): their
+offers say `public_ip=False`, and the rental backend rents them only when the profile asks for the community
+tier by name.
+
+Clusters: stock is read with `product=CLUSTER`, and only SECURE offers are clusters (`CreateClusterRequest`
+has no cloud tier). Members get NCCL_SOCKET_IFNAME=ens1 (RunPod's Instant Cluster notes: inter-node traffic
+is on ens1..ens8, eth0 is the internet) unless the profile's env sets it.
+
+Other images: RunPod starts sshd from PUBLIC_KEY "only [in] images that honor the convention (all RunPod
+official images do)" (`CreatePodRequest.startSsh`). For an image outside `runpod/` ftl passes its own start-up
+as `args` ("arguments passed to the container entrypoint"): authorise PUBLIC_KEY, start sshd (installing
+openssh-server with apt-get when it is missing), then stay up. That reaches images with no ENTRYPOINT of their
+own, or one that runs its arguments (most base images: ubuntu, nvidia/cuda, pytorch/pytorch); an image whose
+ENTRYPOINT ignores them still cannot be reached, and the wait for SSH then times out.
+
+CUDA: a pod asks for a host whose CUDA is at least the image's (`gpu.minCudaVersion`, from a `cuXYZ` tag such
+as the default image's cu1281 -> 12.8); the cluster request has no such field.
 """
 
 from __future__ import annotations
@@ -16,8 +38,9 @@ import time
 from typing import Any, Callable
 from urllib.parse import quote
 
-from launcher.spec.catalog import find_gpu, gpu_key
+from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.core.errors import FtlError
+from launcher.cloud.catalogs import runpod_gpus, runpod_key, runpod_price
 from launcher.cloud.base import Instance, NoCapacity, Offer, Provider, ProviderError, ProviderTimeout
 from launcher.cloud.credentials import api_key
 from launcher.cloud.http import JsonClient, create_once
@@ -27,9 +50,16 @@ DEFAULT_DISK_GB = 50
 CLOUDS = ("SECURE", "COMMUNITY")
 STATUS = {"PROVISIONING": "pending", "STARTING": "pending", "RUNNING": "running", "EXITED": "stopped",
           "ERROR": "error", "TERMINATED": "terminated"}
-# create's 400 mixes validation and "no capacity" with only human text to tell them apart
-CAPACITY = re.compile(r"capacity|no longer any instances|not enough|no (gpus?|instances|machines) (are )?available|"
-                      r"insufficient resources|unavailable|out of stock", re.I)
+RUNPOD_IMAGES = "runpod/"  # the images that honour RunPod's PUBLIC_KEY -> sshd convention
+SSHD_START = ("sh -c 'mkdir -p /root/.ssh && chmod 700 /root/.ssh && printf \"%s\\n\" \"$PUBLIC_KEY\" >> "
+              "/root/.ssh/authorized_keys && chmod 600 /root/.ssh/authorized_keys; "
+              "command -v sshd >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && "
+              "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; }; "
+              "mkdir -p /run/sshd; ssh-keygen -A >/dev/null 2>&1; $(command -v sshd || echo /usr/sbin/sshd) -e; "
+              "exec sleep infinity'")  # ftl's own sshd start-up for images outside RUNPOD_IMAGES
+NEXT_CANDIDATE = (400, 403)  # the document: "Try your next candidate" / "Skip this candidate, keep going"
+CLUSTER_IFNAME = {"NCCL_SOCKET_IFNAME": "ens1"}
+_CUDA_TAG = re.compile(r"(?:^|[^a-z])cu(?:da)?(\d{2})\.?(\d)(?:\.?\d)?(?:[^0-9]|$)", re.I)
 CLUSTER_MEMBERS_TIMEOUT_S = 120.0  # how long the members of a new cluster may take to be listed
 
 
@@ -55,6 +85,16 @@ def to_instance(pod: dict[str, Any]) -> Instance:
                     region=pod.get("dataCenterId"), gpu_type=gpu.get("id"))
 
 
+def min_cuda(image: str) -> str | None:
+    """The CUDA version an image's tag names, as RunPod's `major.minor` (cu1281 -> 12.8, cuda12.4.1 -> 12.4,
+    nvidia/cuda:12.8.1-... -> 12.8)."""
+    if ":" not in image:
+        return None
+    repo, tag = image.rsplit(":", 1)
+    m = _CUDA_TAG.search(tag) or (re.match(r"(\d{2})\.(\d)", tag) if repo.endswith("cuda") else None)
+    return f"{int(m.group(1))}.{m.group(2)}" if m else None
+
+
 def _matches(gpu: str | None, key: str | None, gpu_type: str) -> bool:
     if gpu is None:
         return True
@@ -73,29 +113,37 @@ class RunPod(Provider):
                  clock: Callable[[], float] = time.monotonic, poll_s: float = 5.0, **http: Any):
         super().__init__(sleep, clock)
         self.poll_s = poll_s
-        self.http = JsonClient("runpod", key or api_key("runpod"), base_url, sleep=sleep, **http)
+        self.http = JsonClient("runpod", key or api_key("runpod"), base_url, sleep=sleep, clock=clock, **http)
+
+    def check_key(self) -> None:
+        self.http.request("GET", "/v2/pods")
+
+    def price_catalog(self) -> Any:
+        """The GPU catalog without stock: list prices per GPU and tier (what `ftl prices --refresh` reads)."""
+        return self.http.request("GET", str(provider_facts()["runpod"]["prices_path"]))
 
     # --- offers ----------------------------------------------------------------------------------
 
-    def offers(self, gpu: str | None = None, gpus: int = 1) -> list[Offer]:
+    def offers(self, gpu: str | None = None, gpus: int = 1, cluster: bool = False) -> list[Offer]:
         out: list[Offer] = []
-        for cloud in CLOUDS:
-            data = self.http.request("GET", "/v2/catalog/gpus", params={"include": "AVAILABILITY", "product": "POD",
-                                                                          "count": gpus, "cloud": cloud})
-            for g in (data or {}).get("gpus") or []:
+        for cloud in ("SECURE",) if cluster else CLOUDS:
+            data = self.http.request("GET", "/v2/catalog/gpus", params={
+                "include": "AVAILABILITY", "product": "CLUSTER" if cluster else "POD", "count": gpus, "cloud": cloud})
+            for g in runpod_gpus(data) or []:
                 tier = cloud.lower()
-                usd = (g.get("price") or {}).get(tier)
-                if not g.get(tier) or not usd or gpus > int((g.get("maxCount") or {}).get(tier) or 0):
+                usd = runpod_price(g, tier)
+                if usd is None or gpus > int((g.get("maxCount") or {}).get(tier) or 0):
                     continue
-                key = gpu_key(g.get("id"), g.get("name"))
+                key = runpod_key(g)
                 if not _matches(gpu, key, str(g["id"])):
                     continue
-                price = round(float(usd) * gpus, 4)
+                price = round(usd * gpus, 4)
                 dcs = g.get("dataCenters") or []
                 rows = [(dc.get("id"), dc.get("availability")) for dc in dcs] or [(None, g.get("availability", "NONE"))]
                 for region, level in rows:
                     out.append(Offer("runpod", key, str(g["id"]), gpus, price, region,
-                                     available=bool(level) and level != "NONE", cloud_type=cloud))
+                                     available=bool(level) and level != "NONE", cloud_type=cloud,
+                                     public_ip=cloud != "COMMUNITY"))
         return sorted(out, key=lambda o: (not o.available, o.price_per_hour, o.gpu_type, o.region or ""))
 
     # --- create ----------------------------------------------------------------------------------
@@ -103,11 +151,16 @@ class RunPod(Provider):
     def _container(self, ssh_public_key: str, image: str | None, disk_gb: int | None,
                    env: dict[str, str] | None) -> dict[str, Any]:
         key = ssh_public_key.strip()
-        return {"image": image or DEFAULT_IMAGE, "disk": int(disk_gb or DEFAULT_DISK_GB), "ports": ["22/tcp"],
-                "env": {**{str(k): str(v) for k, v in (env or {}).items()}, "PUBLIC_KEY": key, "SSH_PUBLIC_KEY": key}}
+        img = image or DEFAULT_IMAGE
+        out: dict[str, Any] = {"image": img, "disk": int(disk_gb or DEFAULT_DISK_GB), "ports": ["22/tcp"],
+                               "env": {**{str(k): str(v) for k, v in (env or {}).items()}, "PUBLIC_KEY": key,
+                                       "SSH_PUBLIC_KEY": key}}
+        if not img.startswith(RUNPOD_IMAGES):
+            out["args"] = SSHD_START
+        return out
 
     def _capacity(self, e: ProviderError, offer: Offer) -> ProviderError:
-        if e.status == 400 and CAPACITY.search(str(e)):
+        if e.status in NEXT_CANDIDATE:
             where = f" in {offer.region}" if offer.region else ""
             return NoCapacity(f"{e} ({offer.gpus}x {offer.gpu_type}, {offer.cloud_type or 'SECURE'}{where}); "
                               "try another GPU, region or cloud", e.status, "runpod", e.code)
@@ -115,8 +168,11 @@ class RunPod(Provider):
 
     def create(self, name: str, offer: Offer, ssh_public_key: str, image: str | None = None,
                disk_gb: int | None = None, env: dict[str, str] | None = None) -> Instance:
-        body: dict[str, Any] = {"name": name, "gpu": {"id": offer.gpu_type, "count": offer.gpus},
-                                "cloud": offer.cloud_type or "SECURE",
+        gpu: dict[str, Any] = {"id": offer.gpu_type, "count": offer.gpus}
+        cuda = min_cuda(image or DEFAULT_IMAGE)
+        if cuda:
+            gpu["minCudaVersion"] = cuda
+        body: dict[str, Any] = {"name": name, "gpu": gpu, "cloud": offer.cloud_type or "SECURE",
                                 **self._container(ssh_public_key, image, disk_gb, env)}
         if offer.region:
             body["dataCenterIds"] = [offer.region]
@@ -136,7 +192,7 @@ class RunPod(Provider):
             return [inst]
         body: dict[str, Any] = {"name": name, "type": "TRAINING",
                                 "compute": {"gpuTypeId": offer.gpu_type, "gpuCountPerPod": offer.gpus, "podCount": nodes},
-                                **self._container(ssh_public_key, image, disk_gb, env)}
+                                **self._container(ssh_public_key, image, disk_gb, {**CLUSTER_IFNAME, **(env or {})})}
         if offer.region:
             body["dataCenterIds"] = [offer.region]
         try:

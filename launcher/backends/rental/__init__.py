@@ -88,7 +88,9 @@ class RentalBackend(Backend):
         self._handle: RentalHandle | None = None
 
     def check(self) -> None:
+        """SSH on PATH, and a key the provider accepts: found before the cost question and any run directory."""
         self.ssh.check()
+        self.client.check_key()
 
     @property
     def client(self) -> Any:
@@ -157,7 +159,9 @@ class RentalBackend(Backend):
         try:
             key, pub = transfer.make_key(run)
             insts = provision.provision(run, recipe, self.client, pub, note, lambda: self.teardown(run, quiet=True))
-            nodes = provision.nodes_for(recipe, insts, key)
+            nodes = provision.nodes_for(recipe, insts, key, note)
+            if len(insts) > 1 and not all(i.private_ip for i in insts):
+                run.update_state(rendezvous_network="public")
             python = transfer.bootstrap(run, recipe, nodes, note)
             for n in nodes:
                 n.python = python
@@ -250,16 +254,19 @@ class RentalBackend(Backend):
             if threading.current_thread() is threading.main_thread() else {}
         try:
             self._interrupted = None  # nothing may interrupt the teardown's own calls
-            gone, errors = fleet.terminate_run(run, self._client._provider if self._client is not None else None)
+            td = fleet.terminate_run(run, self._client._provider if self._client is not None else None)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-        if gone and not quiet:
-            self._note(run, f"ftl: terminated {len(gone)} instance(s): {', '.join(gone)}; spent about "
+        if td.done and not quiet:
+            self._note(run, f"ftl: terminated {len(td.done)} instance(s): {', '.join(td.done)}; spent about "
                             f"${spend(run.state().get('instances') or []):.2f}")
-        if errors:
-            self._note(run, "ftl: COULD NOT TERMINATE: " + "; ".join(errors) + f" (retry: ftl down {run.id})")
-        return gone
+        if td.failed:  # only what was created can fail to terminate
+            self._note(run, "ftl: COULD NOT TERMINATE: " + "; ".join(td.failed) + f" (retry: ftl down {run.id})")
+        elif td.unqueried:
+            self._note(run, f"ftl: could not check {td.provider} for instances named after the run ({td.unqueried}); "
+                            f"check with: ftl down {run.id}")
+        return td.done
 
     # -- other verbs ------------------------------------------------------------------------------
     def status(self, run: Run) -> dict[str, Any]:

@@ -31,6 +31,9 @@ def provider_options(provider: str) -> dict[str, Any]:
     pace = os.environ.get("FTL_LAMBDA_LAUNCH_INTERVAL_S")
     if provider == "lambda" and pace:
         opts["launch_interval_s"] = float(pace)
+    every = os.environ.get("FTL_LAMBDA_REQUEST_INTERVAL_S")
+    if provider == "lambda" and every:
+        opts["request_interval_s"] = float(every)
     return opts
 
 
@@ -43,26 +46,38 @@ def _rank_suffix(name: str, run_id: str) -> bool:
     return name.startswith(head) and name[len(head):].isdigit()
 
 
-def terminate_run(run: Run, prov: Any = None) -> tuple[list[str], list[str]]:
-    """Terminate the run's instances: recorded ids, plus anything named after the run. ([done], [errors])."""
+@dataclass
+class Teardown:
+    """What terminating a run's instances came to: names terminated, instances that could not be, and why the
+    provider could not be asked for instances named after the run (no key, refused key, unreachable)."""
+
+    provider: str | None
+    done: list[str]
+    failed: list[str]
+    unqueried: str | None = None
+
+
+def terminate_run(run: Run, prov: Any = None) -> Teardown:
+    """Terminate the run's instances: recorded ids, plus anything the provider lists under the run's names."""
     st = run.state()
     name = (st.get("rental") or {}).get("provider") or st.get("backend")
     if name not in RENTED:
-        return [], []
+        return Teardown(None, [], [])
+    rows = list(st.get("instances") or [])
+    ids = {r["id"]: r for r in rows if not r.get("terminated_at")}
     try:
         prov = prov or client(name)
     except ProviderError as e:
-        return [], [str(e)]
-    rows = list(st.get("instances") or [])
-    ids = {r["id"]: r for r in rows if not r.get("terminated_at")}
-    errors_list: list[str] = []
+        return Teardown(name, [], [f"{r.get('name') or iid}: {e}" for iid, r in ids.items()], str(e))
+    failed: list[str] = []
+    unqueried = None
     try:
         named = [i for i in prov.list(prefix=f"ftl-{run.id}-") if _rank_suffix(i.name, run.id)]
         for inst in named + prov.find(f"ftl-{run.id}"):  # find: also the members of the cluster of that name
             if inst.id not in ids:
                 ids[inst.id] = {"id": inst.id, "name": inst.name}
     except ProviderError as e:
-        errors_list.append(f"listing {name} instances: {e}")
+        unqueried = f"listing instances: {e}"
     done: list[str] = []
     for iid, row in ids.items():
         try:
@@ -70,18 +85,18 @@ def terminate_run(run: Run, prov: Any = None) -> tuple[list[str], list[str]]:
             done.append(str(row.get("name") or iid))
             row["terminated_at"] = utcnow()
         except ProviderError as e:
-            errors_list.append(f"{row.get('name') or iid}: {e}")
+            failed.append(f"{row.get('name') or iid}: {e}")
     if done:
         for r in rows:
             if r["id"] in ids and ids[r["id"]].get("terminated_at"):
                 r["terminated_at"] = ids[r["id"]]["terminated_at"]
                 r["status"] = "terminated"
         run.update_state(instances=rows)
-    if not errors_list:
+    if not failed and unqueried is None:
         key = run.dir / "ssh" / "id_ed25519"
         if key.exists() and not any(not r.get("terminated_at") for r in rows):
             key.unlink()  # useless now; a private key left on disk is only a risk
-    return done, errors_list
+    return Teardown(name, done, failed, unqueried)
 
 
 def salvage(run: Run) -> bool:
@@ -112,14 +127,17 @@ def live_run(run: Run) -> bool:
 
 def configured() -> list[str]:
     """The rental providers with an API key configured."""
-    out = []
-    for name in RENTED:
-        try:
-            api_key(name)
-            out.append(name)
-        except AuthError:
-            pass
-    return out
+    return [name for name in RENTED if key_problem(name) is None]
+
+
+def key_problem(provider: str) -> str | None:
+    """Why a launch at `provider` would stop before renting (no API key configured), for --dry-run; None when
+    a key is configured (whether the provider accepts it is asked at launch)."""
+    try:
+        api_key(provider)
+    except AuthError as e:
+        return f"no {e.env_var}: a real launch would stop here ({e})"
+    return None
 
 
 def owner(inst: Instance, runs: list[Run]) -> Run | None:
@@ -174,26 +192,36 @@ def rented_rows(now: float | None = None) -> list[RentedRow]:
     return rows
 
 
-def orphans(providers: list[str] | None = None) -> list[Instance]:
-    """Live ftl-* instances that belong to no live run (a killed ftl, a lost run directory)."""
-    return [i for i, r in rented_instances(providers) if r is None or not live_run(r)]
-
-
-def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], list[str]]:
-    found = orphans(providers)
-    errors = []
+def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], list[str], dict[str, str]]:
+    """Terminate the live ftl-* instances that belong to no live run, at each of `providers` (default: every
+    rental provider). ([terminated], [errors], {provider that could not be asked: why}): a provider
+    without a key or refusing it is named, never taken for one without orphans."""
     runs = list_runs()
+    found: list[Instance] = []
+    unqueried: dict[str, str] = {}
+    clients: dict[str, Any] = {}  # one per provider: its pace and retries cover every call
+    for name in providers if providers is not None else list(RENTED):
+        try:
+            clients[name] = client(name)
+            insts = clients[name].list(prefix="ftl-")
+        except ProviderError as e:
+            unqueried[name] = str(e)
+            continue
+        found += [i for i in insts if (r := owner(i, runs)) is None or not live_run(r)]
+    errors = []
     for r in {id(r): r for r in (owner(i, runs) for i in found) if r is not None}.values():
         try:
             salvage(r)
         except (FtlError, OSError) as e:
             errors.append(f"run {r.id}: could not save its results before terminating: {e}")
+    gone = []
     for inst in found:
         try:
-            client(inst.provider).terminate(inst.id)
+            clients[inst.provider].terminate(inst.id)
         except ProviderError as e:
             errors.append(f"{inst.name} ({inst.id}): {e}")
             continue
+        gone.append(inst)
         r = owner(inst, runs)
         if r is not None:
             rows = r.state().get("instances") or []
@@ -208,10 +236,10 @@ def down_orphans(providers: list[str] | None = None) -> tuple[list[Instance], li
             r.update_state(**changes)
             if all(row.get("terminated_at") for row in rows):
                 (r.dir / "ssh" / "id_ed25519").unlink(missing_ok=True)
-    return found, errors
+    return gone, errors, unqueried
 
 
-def down_run(run: Run) -> tuple[list[str], list[str]]:
+def down_run(run: Run) -> Teardown:
     """`ftl down RUN`: save a run whose ftl is gone, then terminate its instances."""
     if not live_run(run):
         salvage(run)
