@@ -159,6 +159,7 @@ def estimate(
     gpus_per_node: Optional[int] = GpusOpt,
     nodes: Optional[int] = NodesOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (bytes as integers) for scripts."),
+    detail: bool = typer.Option(False, "--detail", help="Show every memory line and phase, FLOPs, disk, data and MFU."),
 ) -> None:
     """Predict per-GPU memory, step time, total time and cost of RECIPE, without torch or downloads.
 
@@ -176,7 +177,7 @@ def estimate(
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
-        render_estimate(d)
+        render_estimate(d, detail=detail)
 
 
 @app.command()

@@ -29,6 +29,7 @@ PAUSES = (
     (re.compile(r"Building extension module|Emitting ninja build file", re.I), "compiling a DeepSpeed op once, ~1-2 min"),
     (re.compile(r"Loading checkpoint shards|Fetching \d+ files", re.I), "loading the model weights"),
 )
+PAUSE_OVER = re.compile(r"Time to load \w+ op|Loading extension module", re.I)
 TRACEBACK_TAIL = 15  # lines of the log shown when a quiet run failed
 
 
@@ -113,7 +114,7 @@ class LiveView:
         what = pause_for(line)
         if what:
             self.waiting = what
-        if STEP_LINE.match(line):
+        if STEP_LINE.match(line) or PAUSE_OVER.search(line):
             self.waiting = None
             if not self.verbose:
                 return

@@ -622,8 +622,9 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
         if n:
             log.info("%s: %d trainable parameters back to %s (TRL had cast them)", recipe.method, n, M.trained_dtype(recipe))
     counts = M.count_params(trainer.model)
-    log.info("%s %s on %s: %s world %d (%s); %d of %d parameters train", recipe.method, recipe.task, device, strategy,
-             world, dtype, counts["trainable"], counts["total"])
+    log.info("%s %s on %s: %s world %d (%s); %s of %s parameters train%s", recipe.method, recipe.task, device, strategy,
+             world, dtype, f"{counts['trainable']:,}", f"{counts['total']:,}",
+             " (the total counts the LoRA adapters, as ftl estimate does)" if recipe.method in ("lora", "qlora") else "")
     return Session(recipe=recipe, plan=plan, run_dir=run_dir, trainer=trainer, tokenizer=tokenizer, train_ds=train_ds,
                    eval_ds=eval_ds, kind=kind, state=state, stopper=stopper, load_path=load_path, resume=resume,
                    data_path=report.path, distributed_type=dtype, counts=counts, data_counts=counts_data)
