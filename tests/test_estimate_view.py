@@ -72,3 +72,33 @@ def test_the_parameter_total_counts_the_adapters_as_training_does():
     m = estimate(load_recipe(ROOT / "recipes" / "quickstart.yaml")).to_json()["model"]
     assert views.parameters_line(m).startswith("parameters: 984 k total (model 853 k + LoRA 131 k)")
     assert m["params_total"] + m["params_adapter"] == 984_192  # what the trainer logs for the quickstart
+
+
+def test_models_table_keeps_every_name_whole_at_80_columns(monkeypatch):
+    from launcher.cli import commands
+    from launcher.spec.catalog import models as catalog_models
+
+    buf = io.StringIO()
+    monkeypatch.setattr(commands, "console", Console(file=buf, width=80, color_system=None))
+    commands.models(as_json=False)
+    text = buf.getvalue()
+    assert max(len(ln.rstrip()) for ln in text.splitlines()) <= 80, text
+    firsts = {ln.split()[0] for ln in text.splitlines() if ln and not ln.startswith(" ")}
+    assert set(catalog_models()) <= firsts, text  # llama-3.1-8b, -70b and -405b can be told apart
+
+
+def test_plan_table_fits_80_columns_without_cutting_words(monkeypatch):
+    from typer.testing import CliRunner
+
+    from launcher.cli import app, commands
+
+    buf = io.StringIO()
+    monkeypatch.setattr(commands, "console", Console(file=buf, width=80, color_system=None))
+    res = CliRunner().invoke(app, ["plan", str(QLORA)])
+    assert res.exit_code == 0, res.output
+    table = buf.getvalue().split("chosen:")[0].splitlines()[2:]
+    assert max(len(ln.rstrip()) for ln in table) <= 80, "\n".join(table)
+    header, first = table[1].split(), table[2].split()
+    assert header == ["profile", "strategy", "GPUs", "method", "µ×acc", "GiB", "time", "cost", "$/Mtok"], header
+    profiles = {p.stem for p in (ROOT / "cluster").glob("*.yaml")}
+    assert first[1] in profiles and first[-1].startswith("$"), first  # one row a line, names whole

@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 import typer
 from rich import box
-from rich.console import Console
 from typer.core import TyperGroup
 from rich.markup import escape
 from rich.table import Table
@@ -224,12 +223,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON for sc
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    t = Table(show_edge=False)
-    for col in ("name", "hub id", "type", "params", "layers", "hidden", "vocab"):
-        t.add_column(col, justify="right" if col in ("params", "layers", "hidden", "vocab") else "left")
+    # names are typed into recipes: never cut (llama-3.1-8b/70b/405b differ at the end); the hub id folds
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    t.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+    t.add_column("hub id", overflow="fold")
+    for col in ("type", "params", "active", "layers"):  # hidden size and vocabulary: --json
+        t.add_column(col, justify="left" if col == "type" else "right", no_wrap=True)
     for r in rows:
-        p = f"{r['params'] / 1e9:.2f} B" + (f" ({r['active_params'] / 1e9:.1f} B active)" if r["active_params"] != r["params"] else "")
-        t.add_row(r["name"], r["hub_id"] or "", r["model_type"], p, str(r["layers"]), str(r["hidden"]), str(r["vocab"]))
+        active = f"{r['active_params'] / 1e9:.1f} B" if r["active_params"] != r["params"] else ""
+        t.add_row(r["name"], r["hub_id"] or "", r["model_type"], f"{r['params'] / 1e9:.2f} B", active, str(r["layers"]))
     console.print(t)
 
 
@@ -965,19 +967,23 @@ def plan_cmd(
     ranked = res.ranked()
     console.print(f"[bold]{escape(r.name)}[/]: {len(res.candidates)} candidates estimated, {len(ranked)} fit; "
                   f"objective: {res.objective}" + "".join(f"\n[dim]skipped {escape(s)}[/]" for s in res.skipped))
-    t = Table(title=f"best {min(top, len(ranked))} by {res.objective} (★ Pareto frontier of time vs cost, → chosen)",
-              title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("", "profile", "strategy", "GPUs", "method, micro×accum", "peak/GPU", "time", "cost", "$/Mtok"):
-        t.add_column(col, justify="left" if col in ("", "profile", "strategy", "GPUs", "method, micro×accum") else "right")
+    t = Table(title=f"best {min(top, len(ranked))} by {res.objective} (★ time/cost Pareto frontier, → chosen; "
+                    "GiB peak per GPU)",
+              title_justify="left", box=None, pad_edge=False, collapse_padding=True,
+              header_style="bold underline")
+    # at the terminal's width (80 columns hold it): only a long profile name folds, no cell wraps mid-word
+    for col in ("", "profile", "strategy", "GPUs", "method µ×acc", "GiB", "time", "cost", "$/Mtok"):
+        t.add_column(col, justify="left" if col in ("", "profile", "strategy", "GPUs", "method µ×acc") else "right",
+                     no_wrap=col != "profile", overflow="fold" if col == "profile" else "ellipsis")
     shown = ranked[:top] + [c for c in res.frontier if c not in ranked[:top]]
     off = {"none": "", "optimizer": "+opt", "params": "+param"}
     for c in shown:
         mark = ("→" if c is res.chosen else "") + ("★" if c.frontier else "")
         t.add_row(mark, escape(c.profile), f"{c.strategy}{off[c.offload]}", f"{c.nodes}×{c.gpus_per_node} {escape(c.short_gpu.split()[0])}",
                   f"{c.method} {c.micro_batch_size}×{c.grad_accum}{' ckpt' if c.gradient_checkpointing else ''}",
-                  f"{c.peak_bytes / 1024**3:.1f} GiB", duration(c.total_time_s), f"${c.cost_usd:,.2f}",
+                  f"{c.peak_bytes / 1024**3:.1f}", seconds(c.total_time_s), dollars(c.cost_usd),
                   "—" if c.cost_per_mtok_usd is None else f"${c.cost_per_mtok_usd:,.3f}")
-    Console(width=max(console.width, 130)).print(t)
+    console.print(t)
     console.print(f"[bold]chosen:[/] {escape(res.explanation)}", soft_wrap=True)
     for note in res.price_notes(top):
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)
