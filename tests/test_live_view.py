@@ -249,3 +249,48 @@ def test_launch_on_a_terminal_shows_the_bar_and_eta_and_no_library_warnings(tmp_
     assert "step 4/4" in log  # the plain lines are in the log
     p = run_progress(run)
     assert (p.step, p.total) == (4, 4) and p.last_loss is not None
+
+
+QUIET = """
+import logging, sys, warnings
+from pathlib import Path
+from launcher.cli.quiet import libraries_to
+with libraries_to(Path(sys.argv[1]), verbose=sys.argv[2] == "1"):
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+    warnings.warn("torch.cpu.amp.autocast is deprecated", FutureWarning)
+print("done")
+"""
+
+
+def test_library_notices_of_in_process_commands_go_to_the_log(tmp_path):
+    log = tmp_path / "logs" / "merge.log"
+    quiet = subprocess.run([sys.executable, "-c", QUIET, str(log), "0"], capture_output=True, text=True, cwd=ROOT)
+    assert quiet.stdout == "done\n" and quiet.stderr == "", quiet.stderr
+    assert "gemm_4bit_forward" in log.read_text() and "FutureWarning" in log.read_text()
+    loud = subprocess.run([sys.executable, "-c", QUIET, str(log), "1"], capture_output=True, text=True, cwd=ROOT)
+    assert "gemm_4bit_forward" in loud.stderr and "FutureWarning" in loud.stderr  # -v shows them
+
+
+def test_logs_follow_on_a_terminal_shows_the_live_view(tmp_path, monkeypatch):
+    import threading
+
+    from typer.testing import CliRunner
+
+    from launcher.cli import app, commands
+
+    monkeypatch.setenv("FTL_RUNS_DIR", str(tmp_path / "runs"))
+    run = _run(tmp_path, started=_iso(time.time() - 30), pid=os.getpid(), pgid=os.getpgid(0),
+               launcher_pid=os.getpid())
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    run.log_path.write_text("Setting accelerator to CPU.\n21:37:11 [ftl rank 0] INFO data: 950 training examples\n")
+    with open(run.metrics_path, "w") as f:
+        for r in _records(20, per_step=1.0, start=time.time() - 25):
+            f.write(json.dumps(r) + "\n")
+    monkeypatch.setattr(commands, "run_status", lambda r: r.state().get("status"))
+    buf = io.StringIO()
+    monkeypatch.setattr(commands, "console", Console(file=buf, width=80, force_terminal=True))
+    threading.Timer(1.5, lambda: run.update_state(status="completed", ended=_iso(time.time()))).start()
+    res = CliRunner().invoke(app, ["logs", run.id, "-f"])
+    assert res.exit_code == 0, res.output
+    text = re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", buf.getvalue())
+    assert "20/120" in text and "data: 950 training examples" in text and "Setting accelerator" not in text

@@ -46,6 +46,7 @@ from launcher.spec.recipe import RENTED, load_profiles, load_recipe
 from launcher.cli.environment import environment
 from launcher.cli.human import clock, dollars, gpu_hours, seconds, sig4, when
 from launcher.cli.live import LiveView
+from launcher.cli.quiet import libraries_to
 from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_env,
                                 render_estimate, render_preview, write_plot, check_plot_path)
 
@@ -707,13 +708,15 @@ def _train_helper(module: str, name: str):
 def merge(
     run: str = typer.Argument(..., help="Run id or directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model (default: RUN/merged)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' warnings and notices (else they "
+                                 "go to RUN/logs/merge.log)."),
 ) -> None:
     """Merge a run's LoRA adapter into its base model (a plain transformers folder)."""
     try:
         r = _find(run)
-        merge_run = _train_helper("merge", "merge_run")
-
-        path = merge_run(r.dir, out or r.dir / "merged")
+        with libraries_to(r.dir / "logs" / "merge.log", verbose):
+            merge_run = _train_helper("merge", "merge_run")
+            path = merge_run(r.dir, out or r.dir / "merged")
     except FtlError as e:
         fail(e)
     console.print(f"merged model: {path}", highlight=False, markup=False, soft_wrap=True)
