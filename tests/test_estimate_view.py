@@ -102,3 +102,16 @@ def test_plan_table_fits_80_columns_without_cutting_words(monkeypatch):
     assert header == ["profile", "strategy", "GPUs", "method", "µ×acc", "GiB", "time", "cost", "$/Mtok"], header
     profiles = {p.stem for p in (ROOT / "cluster").glob("*.yaml")}
     assert first[1] in profiles and first[-1].startswith("$"), first  # one row a line, names whole
+
+
+def test_numbers_for_people():
+    from launcher.cli import human as H
+
+    assert [H.seconds(x) for x in (0.0123, 2.546, 803.2, 7829.0, 400000.0)] == \
+        ["12.3 ms", "2.55 s", "13.4 min", "2.2 h", "4.6 days"]
+    assert H.flops(7.253e15) == "7.25 PFLOP" and H.flops(1.9865e14) == "199 TFLOP"
+    assert H.gib1(9932058730) == "9.2 GiB" and H.dollars(1.7149) == "$1.71" and H.dollars(0.0001) == "<$0.01"
+    assert H.gpu_hours(2e-06) == "0.0072 GPU-s" and H.gpu_hours(0.5) == "30 GPU-min" and H.gpu_hours(12.34) == "12.3 GPU-h"
+    assert H.sig4(8.078683471679687) == "8.079" and H.clock(65) == "1:05" and H.clock(3725) == "1:02:05"
+    assert H.when("2026-01-02T03:04:05+00:00", now=1767323045.0 + 90) == "2026-01-02 03:04 UTC (90 s ago)"
+    assert H.when(None) == "—"
