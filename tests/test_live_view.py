@@ -89,6 +89,7 @@ def test_ftl_lines_are_shown_without_their_logger_prefix():
         "21:37:11 checkpoint /r/checkpoint-50 complete"
     assert "warning:" in ftl_line("21:37:05 [ftl rank 0] WARNING training from RANDOM weights")
     assert ftl_line("[ftl] stop requested: saving a checkpoint") is not None
+    assert ftl_line("[node 1] 21:37:11 [ftl rank 8] WARNING slow") == "21:37:11 [yellow]warning:[/] slow"
     assert pause_for("Building extension module cpu_adam...") == "compiling DeepSpeed's CPU Adam once, ~2 min"
     assert pause_for("Using /root/.cache/torch_extensions/py311_cpu/cpu_adam/build.ninja...") is not None
 

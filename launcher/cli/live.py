@@ -33,8 +33,12 @@ PAUSE_OVER = re.compile(r"Time to load \w+ op|Loading extension module", re.I)
 TRACEBACK_TAIL = 15  # lines of the log shown when a quiet run failed
 
 
+NODE_PREFIX = re.compile(r"^\[node \d+\] ")  # multi-node logs name the node of each line
+
+
 def ftl_line(line: str) -> str | None:
     """The line as the view shows it when it is ftl's own (the step lines are the bar's), else None."""
+    line = NODE_PREFIX.sub("", line)
     m = FTL_LOG.match(line)
     if m:
         t, level, msg = m.groups()
@@ -114,7 +118,7 @@ class LiveView:
         what = pause_for(line)
         if what:
             self.waiting = what
-        if STEP_LINE.match(line) or PAUSE_OVER.search(line):
+        if STEP_LINE.match(NODE_PREFIX.sub("", line)) or PAUSE_OVER.search(line):
             self.waiting = None
             if not self.verbose:
                 return
