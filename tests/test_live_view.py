@@ -295,3 +295,19 @@ def test_logs_follow_on_a_terminal_shows_the_live_view(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     text = re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", buf.getvalue())
     assert "20/120" in text and "data: 950 training examples" in text and "Setting accelerator" not in text
+
+
+def test_verbose_shows_every_line_and_a_quiet_failure_keeps_the_log_tail(tmp_path):
+    run = _run(tmp_path, started=_iso(time.time() - 5))
+    run.log_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = ["Setting accelerator to CPU.", "step 1/4  loss 8.1", "Traceback (most recent call last):",
+             "RuntimeError: boom"]
+    run.log_path.write_text("\n".join(lines) + "\n")
+    for verbose in (True, False):
+        out = io.StringIO()
+        with LiveView(run, run.log_path, Console(file=out, width=80, force_terminal=True), verbose=verbose,
+                      poll_s=0.05) as view:
+            time.sleep(0.2)
+        text = re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", out.getvalue())
+        assert ("Setting accelerator" in text and "RuntimeError: boom" in text) is verbose, text
+        assert view.failed_tail() == ([] if verbose else lines)  # shown after a failure when they were hidden
