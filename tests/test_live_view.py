@@ -311,3 +311,17 @@ def test_verbose_shows_every_line_and_a_quiet_failure_keeps_the_log_tail(tmp_pat
         text = re.sub(r"\x1b\[[0-?]*[ -/]*[@-~]", "", out.getvalue())
         assert ("Setting accelerator" in text and "RuntimeError: boom" in text) is verbose, text
         assert view.failed_tail() == ([] if verbose else lines)  # shown after a failure when they were hidden
+
+
+def test_status_of_a_running_run_has_step_total_elapsed_eta_and_loss(tmp_path):
+    start = 1767323045.0  # 2026-01-02 03:04:05 UTC
+    run = _run(tmp_path, "running", started=_iso(start), pid=12345)
+    with open(run.metrics_path, "w") as f:
+        for r in _records(40, per_step=2.0, start=start):
+            f.write(json.dumps(r) + "\n")
+    st = run.state()
+    out = {"dir": str(run.dir), "strategy": "ddp", "device": "cpu", "world_size": 1, "checkpoint": None,
+           "result": None, "log": str(run.log_path), "progress": run_progress(run, st, now=start + 111).to_json()}
+    rows = _lines(_render(status_table(run, st, out)))
+    assert " progress   │ step 40/120 · elapsed 1:51 · ETA 2:39" in rows, rows  # 2 s a step × 80, 1 s since
+    assert " loss       │ last 6 · smoothed 6.75" in rows and " pid        │ 12345" in rows, rows
