@@ -127,7 +127,7 @@ def test_bad_recipe_exits_2_with_message(tmp_path):
 
 def test_human_output_renders():
     res = ftl("estimate", "recipes/llama3-8b-qlora.yaml")
-    assert "peak" in res.stdout and "fits" in res.stdout and "step time" in res.stdout
+    assert "peak" in res.stdout and "fits" in res.stdout and " a step × " in res.stdout
     assert "Llama" in ftl("models").stdout or "llama-3.1-8b" in ftl("models").stdout
     assert "h100-sxm" in ftl("gpus").stdout
 

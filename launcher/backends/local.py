@@ -4,7 +4,8 @@
   and process group, so a Ctrl-C in the terminal reaches only ftl; ftl forwards it as SIGTERM to the
   whole group (every rank sees it, checkpoints and stops). A second Ctrl-C kills the group.
 * stdout and stderr of every process are teed into logs/launch.log (escape codes removed, progress
-  redraws collapsed to their last state) and to the terminal unchanged.
+  redraws collapsed to their last state) and, with echo, to ftl's stdout unchanged (on a terminal ftl
+  shows the live view instead, drawn from the run directory: launcher/cli/live.py).
 * state.json goes created -> running (pid, pgid, started) -> completed / failed / stopped (ended,
   returncode). A launch ends only when every process of its group has exited.
 """
@@ -121,15 +122,6 @@ class LocalBackend(Backend):
         log.flush()
         env = spec.child_env(secrets=secrets)
         echo_stream = sys.stdout.buffer if self.echo and hasattr(sys.stdout, "buffer") else None
-        if self.echo and sys.stdout.isatty():
-            # the trainer's rich progress bar draws into our pipe; we pass it through unchanged
-            env.setdefault("FTL_TTY", "1")
-            env.setdefault("TTY_COMPATIBLE", "1")  # rich: draw as on a terminal
-            env.setdefault("TTY_INTERACTIVE", "1")  # rich: live displays (progress bars)
-            try:
-                env.setdefault("COLUMNS", str(os.get_terminal_size().columns))
-            except OSError:
-                pass
         try:
             proc = subprocess.Popen(spec.argv, env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

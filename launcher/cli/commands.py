@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
+from rich import box
 from typer.core import TyperGroup
 from rich.markup import escape
 from rich.table import Table
@@ -36,6 +36,7 @@ from launcher.launch import (check_estimate_data, expected, prepare_launch, prep
                              write_run)
 from launcher.rundir import find_run, list_runs, newest_run, runs_root
 from launcher.rundir.cost import report
+from launcher.rundir.progress import RunProgress, run_progress
 from launcher.spec.catalog import find_gpu, provider_facts
 from launcher.spec.catalog import gpus as catalog_gpus
 from launcher.spec.catalog import models as catalog_models
@@ -43,6 +44,9 @@ from launcher.spec.axolotl import import_axolotl, read_axolotl
 from launcher.spec.examples import DEFAULT_EXAMPLE, examples, init_example
 from launcher.spec.recipe import RENTED, load_profiles, load_recipe
 from launcher.cli.environment import environment
+from launcher.cli.human import clock, dollars, gpu_hours, seconds, sig4, when
+from launcher.cli.live import LiveView
+from launcher.cli.quiet import libraries_to
 from launcher.cli.views import (fail, launch_summary, console, err_console, gib, render_dry_run, render_env,
                                 render_estimate, render_preview, write_plot, check_plot_path)
 
@@ -142,6 +146,9 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: --set tr
 ClusterOpt = typer.Option(None, "--cluster", "-c", help="Cluster profile YAML (overrides the recipe's 'cluster').")
 GpusOpt = typer.Option(None, "--gpus-per-node", help="GPUs (or CPU processes without a GPU) per node.")
 NodesOpt = typer.Option(None, "--nodes", help="Number of nodes.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="On a terminal, also show the libraries' output (warnings, "
+                          "notices) above the progress bar; it is always in the run's log.")
+LIVE_PROVIDERS = ("local", "slurm")  # their run directory (metrics.jsonl, the log) is readable here while they run
 
 
 @app.command()
@@ -152,6 +159,7 @@ def estimate(
     gpus_per_node: Optional[int] = GpusOpt,
     nodes: Optional[int] = NodesOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (bytes as integers) for scripts."),
+    detail: bool = typer.Option(False, "--detail", help="Show every memory line and phase, FLOPs, disk, data and MFU."),
 ) -> None:
     """Predict per-GPU memory, step time, total time and cost of RECIPE, without torch or downloads.
 
@@ -169,7 +177,7 @@ def estimate(
     if as_json:
         sys.stdout.write(json.dumps(d, indent=2) + "\n")
     else:
-        render_estimate(d)
+        render_estimate(d, detail=detail)
 
 
 @app.command()
@@ -217,12 +225,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON for sc
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    t = Table(show_edge=False)
-    for col in ("name", "hub id", "type", "params", "layers", "hidden", "vocab"):
-        t.add_column(col, justify="right" if col in ("params", "layers", "hidden", "vocab") else "left")
+    # names are typed into recipes: never cut (llama-3.1-8b/70b/405b differ at the end); the hub id folds
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    t.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))
+    t.add_column("hub id", overflow="fold")
+    for col in ("type", "params", "active", "layers"):  # hidden size and vocabulary: --json
+        t.add_column(col, justify="left" if col == "type" else "right", no_wrap=True)
     for r in rows:
-        p = f"{r['params'] / 1e9:.2f} B" + (f" ({r['active_params'] / 1e9:.1f} B active)" if r["active_params"] != r["params"] else "")
-        t.add_row(r["name"], r["hub_id"] or "", r["model_type"], p, str(r["layers"]), str(r["hidden"]), str(r["vocab"]))
+        active = f"{r['active_params'] / 1e9:.1f} B" if r["active_params"] != r["params"] else ""
+        t.add_row(r["name"], r["hub_id"] or "", r["model_type"], f"{r['params'] / 1e9:.2f} B", active, str(r["layers"]))
     console.print(t)
 
 
@@ -269,6 +280,7 @@ def launch(
                                            "instances are terminated."),
     deadline: Optional[str] = typer.Option(None, "--deadline", help="Rented GPUs: longest the instances may run, boot "
                                            "included: 6h, 90m, 2d (default: budget.max_hours)."),
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Check, plan and run RECIPE; the run lives in runs/<run id>/.
 
@@ -319,7 +331,8 @@ def launch(
         if detach and p.recipe.cluster.provider != "slurm":
             raise FtlError(f"--detach leaves the run to the job scheduler: it needs a SLURM profile (cluster.provider is "
                            f"{p.recipe.cluster.provider!r})")
-        backend = get_backend(p.recipe.cluster.provider, echo=not as_json)
+        live = not as_json and not detach and p.recipe.cluster.provider in LIVE_PROVIDERS and console.is_terminal
+        backend = get_backend(p.recipe.cluster.provider, echo=not as_json and not live)
         backend.check()
         if not as_json:
             for w in p.warnings or []:
@@ -340,7 +353,14 @@ def launch(
             else:
                 err_console.print(f"run {run.id} submitted; follow it with: ftl logs -f {run.id}", highlight=False)
             return
-        status = backend.wait(handle)
+        if live:
+            with LiveView(run, backend.log_path(run), console, verbose=verbose) as view:
+                status = backend.wait(handle)
+            if status == "failed" and view.failed_tail():
+                err_console.print(f"[dim]last lines of {escape(str(backend.log_path(run)))}:[/]", highlight=False)
+                err_console.print("\n".join(view.failed_tail()), highlight=False, markup=False, soft_wrap=True)
+        else:
+            status = backend.wait(handle)
     except FtlError as e:
         fail(e)
     except KeyboardInterrupt:  # before the run started (afterwards wait() forwards Ctrl-C to it)
@@ -418,14 +438,43 @@ def _run_row(run) -> dict[str, Any]:
         st = run.state()
         m = run.last_metrics() or {}
         res = run.result() or {}
+        prog = run_progress(run, {**st, "status": status})
     except FtlError:  # a damaged state.json/result.json: list the run anyway
         return {"id": run.id, "status": "unreadable", "recipe": None, "backend": None, "where": None, "started": None,
-                "ended": None, "step": None, "loss": None, "dir": str(run.dir)}
+                "ended": None, "step": None, "loss": None, "dir": str(run.dir), "total_steps": None, "elapsed_s": None,
+                "eta_s": None}
     step = m.get("step", res.get("global_step", res.get("steps")))
     backend = st.get("backend") or "local"
+    loss = m.get("loss") if isinstance(m.get("loss"), (int, float)) else prog.last_loss  # a finished run: its final loss
     return {"id": run.id, "status": status, "recipe": st.get("recipe"), "backend": backend,
             "where": get_backend(backend, echo=False).where(st), "started": st.get("started"), "ended": st.get("ended"),
-            "step": step, "loss": m.get("loss"), "dir": str(run.dir)}
+            "step": step, "loss": loss, "dir": str(run.dir), "total_steps": prog.total,
+            "elapsed_s": prog.elapsed_s, "eta_s": prog.eta_s if status in ("running", "created") else None}
+
+
+def steps_text(step: Any, total: Any) -> str:
+    if step is None:
+        return ""
+    return f"{step}/{total}" if total else str(step)
+
+
+def runs_table(rows: list[dict[str, Any]]) -> Table:
+    """ftl ps / ftl runs: one row per run in 80 columns; the recipe and start time are in the id (and --json)."""
+    colors = {"completed": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "created": "dim"}
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    t.add_column("id", no_wrap=True, min_width=max(len(r["id"]) for r in rows))  # ids are copied: never cut
+    t.add_column("status", no_wrap=True)
+    t.add_column("where", overflow="fold")
+    for col in ("steps", "elapsed", "ETA", "loss"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in rows:
+        c = colors.get(r["status"], "white")
+        loss = "" if not isinstance(r["loss"], (int, float)) else sig4(r["loss"])
+        where = " ".join(x for x in (r["backend"] or "", r["where"] or "") if x)
+        t.add_row(r["id"], f"[{c}]{r['status']}[/]", escape(where), steps_text(r["step"], r.get("total_steps")),
+                  "" if r.get("elapsed_s") is None else clock(r["elapsed_s"]),
+                  "" if r.get("eta_s") is None else clock(r["eta_s"]), loss)
+    return t
 
 
 @app.command("runs")
@@ -442,18 +491,7 @@ def list_runs_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON
     if not rows:
         console.print(f"no runs in {runs_root()}", highlight=False, markup=False)
         return
-    colors = {"completed": "green", "failed": "red", "stopped": "yellow", "running": "cyan", "created": "dim"}
-    t = Table(show_edge=False)
-    t.add_column("id", no_wrap=True, min_width=max(len(r["id"]) for r in rows))  # ids are copied: never cut
-    for col in ("status", "recipe", "backend", "where", "started", "steps", "loss"):
-        t.add_column(col, justify="right" if col in ("steps", "loss") else "left")
-    for r in rows:
-        c = colors.get(r["status"], "white")
-        loss = "" if not isinstance(r["loss"], (int, float)) else f"{r['loss']:.4g}"
-        started = (r["started"] or "")[:16].replace("T", " ")
-        t.add_row(r["id"], f"[{c}]{r['status']}[/]", escape(r["recipe"] or ""), r["backend"] or "",
-                  escape(r["where"] or ""), started, "" if r["step"] is None else str(r["step"]), loss)
-    console.print(t)
+    console.print(runs_table(rows))
 
 
 @app.command("ps")
@@ -560,36 +598,70 @@ def status(
         ckpt = r.newest_checkpoint()
         out = {"state": st, "dir": str(r.dir), "strategy": plan.get("strategy"), "device": plan.get("device"),
                "world_size": plan.get("world_size"), "last_metrics": r.last_metrics(),
-               "checkpoint": str(ckpt) if ckpt else None, "result": r.result(), "log": str(r.log_path)}
+               "checkpoint": str(ckpt) if ckpt else None, "result": r.result(), "log": str(r.log_path),
+               "progress": run_progress(r, st).to_json()}
     except FtlError as e:
         fail(e)
     if as_json:
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
         return
+    console.print(status_table(r, st, out), highlight=False)
+
+
+def _result_text(res: dict[str, Any]) -> str:
+    """result.json in a line: status, steps, losses, eval, runtime, parameters (the file has the rest)."""
+    parts = [str(res.get("status", "?"))]
+    if res.get("global_step") is not None:
+        parts.append(f"step {steps_text(res.get('global_step'), res.get('max_steps'))}")
+    if res.get("first_loss") is not None or res.get("final_loss") is not None:
+        parts.append(f"loss {sig4(res.get('first_loss'))} → {sig4(res.get('final_loss'))}")
+    ev = res.get("eval") if isinstance(res.get("eval"), dict) else {}
+    if ev.get("eval_loss") is not None:
+        parts.append(f"eval loss {sig4(ev['eval_loss'])}")
+    if res.get("train_runtime_s") is not None:
+        parts.append(f"trained in {seconds(res['train_runtime_s'])}")
+    pc = res.get("params") if isinstance(res.get("params"), dict) else {}
+    if pc.get("total"):
+        parts.append(f"{pc.get('trainable', 0):,} of {pc['total']:,} parameters trained")
+    if res.get("error"):
+        parts.append(f"error: {res['error']}")
+    return " · ".join(parts)
+
+
+def status_table(r, st: dict[str, Any], out: dict[str, Any]) -> Table:
+    """ftl status: one row per fact, in words and human numbers (the --json has every field as it is)."""
     t = Table(show_edge=False, show_header=False)
-    t.add_column("what")
-    t.add_column("value")
+    t.add_column("what", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
     t.add_row("run", r.id)
     t.add_row("status", st.get("status", "?") + (f" (exit code {st['returncode']})" if st.get("returncode") not in (None, 0) else ""))
     if st.get("error"):
-        t.add_row("error", str(st["error"]))
-    t.add_row("recipe", str(st.get("recipe")))
+        t.add_row("error", escape(str(st["error"])))
+    t.add_row("recipe", escape(str(st.get("recipe"))))
     t.add_row("plan", f"{out['strategy']} · {out['world_size']} process(es) on {out['device']}")
-    t.add_row("started", str(st.get("started")))
-    t.add_row("ended", str(st.get("ended")))
+    t.add_row("started", when(st.get("started")))
+    if st.get("ended"):
+        t.add_row("ended", when(st.get("ended")))
     if st.get("pid") and st.get("status") == "running":
         t.add_row("pid", str(st["pid"]))
-    m = out["last_metrics"]
-    if m:
-        t.add_row("last metrics", "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items()))
-    t.add_row("checkpoint", out["checkpoint"] or "none complete")
+    p = RunProgress(**out["progress"])
+    if p.step is not None:
+        eta = f" · ETA {clock(p.eta_s)}" if p.eta_s is not None and st.get("status") == "running" else ""
+        t.add_row("progress", f"step {steps_text(p.step, p.total)} · elapsed {clock(p.elapsed_s)}{eta}")
+    elif p.elapsed_s is not None:
+        t.add_row("progress", f"no step yet · elapsed {clock(p.elapsed_s)}")
+    if p.last_loss is not None or p.eval_loss is not None:
+        t.add_row("loss", " · ".join(x for x in (f"last {sig4(p.last_loss)}" if p.last_loss is not None else "",
+                                                f"smoothed {sig4(p.loss)}" if p.loss is not None else "",
+                                                f"eval {sig4(p.eval_loss)}" if p.eval_loss is not None else "") if x))
+    t.add_row("checkpoint", escape(out["checkpoint"] or "none complete"))
     for c in st.get("resumed_from") or []:
-        t.add_row("resumed from", str(c))
+        t.add_row("resumed from", escape(str(c)))
     if out["result"]:
-        t.add_row("result", json.dumps(out["result"], default=str)[:300])
-    t.add_row("dir", out["dir"])
-    t.add_row("log", out["log"])
-    console.print(t, highlight=False)
+        t.add_row("result", escape(_result_text(out["result"])))
+    t.add_row("dir", escape(out["dir"]))
+    t.add_row("log", escape(out["log"]))
+    return t
 
 
 @app.command()
@@ -598,8 +670,11 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the run ends."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Multi-node runs: the log of node N (its processes' "
                                        "output, logs/node-N.log); default node 0."),
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Print a run's log: logs/launch.log on this machine, node 0's log (or --rank N) on SLURM/SSH."""
+    """Print a run's log: logs/launch.log on this machine, node 0's log (or --rank N) on SLURM/SSH.
+
+    With -f on a terminal, a running local or SLURM run is followed in the live view ftl launch shows."""
 
     try:
         r = _find(run)
@@ -607,6 +682,11 @@ def logs(
         path = backend.log_path(r, rank)
         if not path.is_file() and not follow:
             raise FtlError(f"run {r.id} has no log yet ({path})")
+        provider = r.state().get("backend") or "local"
+        if follow and console.is_terminal and provider in LIVE_PROVIDERS and run_status(r) in ("created", "running"):
+            with LiveView(r, path, console, verbose=verbose) as view:
+                view.stop_when(lambda: run_status(r) not in ("created", "running"))
+            return
         for line in backend.logs(r, follow=follow, rank=rank):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
@@ -650,13 +730,15 @@ def _train_helper(module: str, name: str):
 def merge(
     run: str = typer.Argument(..., help="Run id or directory."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the merged model (default: RUN/merged)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the libraries' warnings and notices (else they "
+                                 "go to RUN/logs/merge.log)."),
 ) -> None:
     """Merge a run's LoRA adapter into its base model (a plain transformers folder)."""
     try:
         r = _find(run)
-        merge_run = _train_helper("merge", "merge_run")
-
-        path = merge_run(r.dir, out or r.dir / "merged")
+        with libraries_to(r.dir / "logs" / "merge.log", verbose):
+            merge_run = _train_helper("merge", "merge_run")
+            path = merge_run(r.dir, out or r.dir / "merged")
     except FtlError as e:
         fail(e)
     console.print(f"merged model: {path}", highlight=False, markup=False, soft_wrap=True)
@@ -891,24 +973,18 @@ def report_cmd(
     console.print(f"[bold]{d['run_id']}[/] ({d['status']}): {d['strategy']}, {d['processes']} process(es) on "
                   f"{d['device']}, ${d['price_per_gpu_hour']:.2f}/GPU-h ({escape(str(d['price_source']))})", highlight=False)
 
-    def money(x):
-        return "—" if x is None else f"${x:,.4f}" if x < 1 else f"${x:,.2f}"
-
     def num(x, fmt="{:.4g}"):
         return "—" if x is None else fmt.format(x)
-
-    def sec(x):
-        return "—" if x is None else duration(x)
 
     t = Table(show_edge=False)
     for c, j in (("", "left"), ("predicted", "right"), ("actual", "right"), ("actual/predicted", "right")):
         t.add_column(c, justify=j)
     t.add_row("peak memory per device", gib(p["peak_memory_bytes"]),
               gib(a["peak_memory_bytes"]) if a["peak_memory_bytes"] else "not recorded", num(r["peak_memory"], "{:.2f}×"))
-    t.add_row("step time", num(p["step_time_s"], "{:.3g} s"), num(a["step_time_s"], "{:.3g} s"), num(r["step_time"], "{:.2f}×"))
-    t.add_row("total time", sec(p["total_time_s"]), sec(a["wall_s"]), num(r["total_time"], "{:.2f}×"))
-    t.add_row("GPU-hours", num(p["gpu_hours"]), num(a["gpu_hours"]), num(r["gpu_hours"], "{:.2f}×"))
-    t.add_row("cost", money(p["cost_usd"]), money(a["cost_usd"]), num(r["cost"], "{:.2f}×"))
+    t.add_row("step time", seconds(p["step_time_s"]), seconds(a["step_time_s"]), num(r["step_time"], "{:.2f}×"))
+    t.add_row("total time", seconds(p["total_time_s"]), seconds(a["wall_s"]), num(r["total_time"], "{:.2f}×"))
+    t.add_row("GPU-hours", gpu_hours(p["gpu_hours"]), gpu_hours(a["gpu_hours"]), num(r["gpu_hours"], "{:.2f}×"))
+    t.add_row("cost", dollars(p["cost_usd"]), dollars(a["cost_usd"]), num(r["cost"], "{:.2f}×"))
     console.print(t)
     if d["device"] != "cuda":
         console.print("[dim]on the CPU: no GPU-hours and no time prediction (the estimate models GPUs only)[/]")
@@ -959,19 +1035,23 @@ def plan_cmd(
     ranked = res.ranked()
     console.print(f"[bold]{escape(r.name)}[/]: {len(res.candidates)} candidates estimated, {len(ranked)} fit; "
                   f"objective: {res.objective}" + "".join(f"\n[dim]skipped {escape(s)}[/]" for s in res.skipped))
-    t = Table(title=f"best {min(top, len(ranked))} by {res.objective} (★ Pareto frontier of time vs cost, → chosen)",
-              title_justify="left", show_edge=False, pad_edge=False)
-    for col in ("", "profile", "strategy", "GPUs", "method, micro×accum", "peak/GPU", "time", "cost", "$/Mtok"):
-        t.add_column(col, justify="left" if col in ("", "profile", "strategy", "GPUs", "method, micro×accum") else "right")
+    t = Table(title=f"best {min(top, len(ranked))} by {res.objective} (★ time/cost Pareto frontier, → chosen; "
+                    "GiB peak per GPU)",
+              title_justify="left", box=None, pad_edge=False, collapse_padding=True,
+              header_style="bold underline")
+    # at the terminal's width (80 columns hold it): only a long profile name folds, no cell wraps mid-word
+    for col in ("", "profile", "strategy", "GPUs", "method µ×acc", "GiB", "time", "cost", "$/Mtok"):
+        t.add_column(col, justify="left" if col in ("", "profile", "strategy", "GPUs", "method µ×acc") else "right",
+                     no_wrap=col != "profile", overflow="fold" if col == "profile" else "ellipsis")
     shown = ranked[:top] + [c for c in res.frontier if c not in ranked[:top]]
     off = {"none": "", "optimizer": "+opt", "params": "+param"}
     for c in shown:
         mark = ("→" if c is res.chosen else "") + ("★" if c.frontier else "")
         t.add_row(mark, escape(c.profile), f"{c.strategy}{off[c.offload]}", f"{c.nodes}×{c.gpus_per_node} {escape(c.short_gpu.split()[0])}",
                   f"{c.method} {c.micro_batch_size}×{c.grad_accum}{' ckpt' if c.gradient_checkpointing else ''}",
-                  f"{c.peak_bytes / 1024**3:.1f} GiB", duration(c.total_time_s), f"${c.cost_usd:,.2f}",
+                  f"{c.peak_bytes / 1024**3:.1f}", seconds(c.total_time_s), dollars(c.cost_usd),
                   "—" if c.cost_per_mtok_usd is None else f"${c.cost_per_mtok_usd:,.3f}")
-    Console(width=max(console.width, 130)).print(t)
+    console.print(t)
     console.print(f"[bold]chosen:[/] {escape(res.explanation)}", soft_wrap=True)
     for note in res.price_notes(top):
         console.print(f"[yellow]{escape(note)}[/]", soft_wrap=True)

@@ -17,6 +17,7 @@ from launcher.backends.rental import instance_name
 from launcher.backends.slurm import submitted_script
 from launcher.backends.ssh import dry_run_lines
 from launcher.core.durations import format_duration as duration
+from launcher.cli.human import dollars, flops, gib1, seconds
 from launcher.core.errors import FtlError
 from launcher.estimate.search import PlanResult
 from launcher.launch import Prepared, expected
@@ -35,19 +36,115 @@ def gib(n: int | float | None) -> str:
     return "—" if n is None else f"{n / 1024**3:,.2f} GiB"
 
 
-def _sci(x: float) -> str:
-    return f"{x:.3e}"
+GIB = 1024**3
 
 
-def render_estimate(d: dict[str, Any]) -> None:
-    m, pd = d["model"], d["per_device"]
-    title = (f"[bold]{d['recipe']}[/]: {m['name']} · {d['method']} · {d['task']} · "
-             f"{d['strategy']} on {d['nodes']}×{d['gpus_per_node']} {d['gpu']['name'] or '(no GPU)'}")
-    console.print(title)
-    active = f" ({m['params_active']:,} active)" if m["params_active"] != m["params_total"] else ""
-    console.print(f"parameters: {m['params_total']:,} total{active}, {m['params_trainable']:,} trainable "
-                  f"({100 * m['params_trainable'] / m['params_total']:.3g}%)")
+def tenths(values: list[int], total: int) -> list[float]:
+    """Round byte counts to GiB tenths that add up to the rounded total (largest remainder first)."""
+    want = round(total / GIB * 10)
+    exact = [v / GIB * 10 for v in values]
+    down = [int(x) for x in exact]
+    order = sorted(range(len(values)), key=lambda i: exact[i] - down[i], reverse=True)
+    for i in order[:max(0, want - sum(down))]:
+        down[i] += 1
+    return [x / 10 for x in down]
 
+
+def count(n: int) -> str:
+    """A parameter count for people: 8.07 B, 41.9 M, 131.1 k."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
+def parameters_line(m: dict[str, Any]) -> str:
+    """The parameter count as training logs it: adapters (LoRA) are counted in the total, said once."""
+    adapter = m.get("params_adapter") or 0
+    total = m["params_total"] + adapter
+    parts = f" (model {count(m['params_total'])} + LoRA {count(adapter)})" if adapter else ""
+    active = f", {count(m['params_active'])} active" if m["params_active"] != m["params_total"] else ""
+    return (f"parameters: {count(total)} total{parts}{active}; {count(m['params_trainable'])} train "
+            f"({100 * m['params_trainable'] / total:.3g}%)")
+
+
+def memory_lines(pd: dict[str, Any]) -> list[tuple[str, int]]:
+    """The peak as its main parts (they add up to it): the states, what the peak phase adds, the overhead."""
+    states = [("weights", pd["weights_bytes"]), ("gradients", pd["gradients_bytes"]),
+              ("optimizer states", pd["optimizer_bytes"])]
+    rest = pd["peak_allocated_bytes"] - sum(v for _, v in states)
+    if rest < 0:  # the peak phase holds less than every state (cannot be shown as parts)
+        return []
+    return [*states, (f"working memory ({pd['peak_phase']})", rest),
+            ("overhead (context, allocator)", pd["overhead_bytes"])]
+
+
+def render_estimate(d: dict[str, Any], detail: bool = False) -> None:
+    """The short view (model, method, per-GPU peak and its main parts, fits, time, cost) in 80 columns;
+    detail: every memory line and phase, FLOPs, data and MFU."""
+    m, pd, g = d["model"], d["per_device"], d["gpu"]
+    name = Path(m["name"]).name if m["name"].startswith(("/", ".")) else m["name"]  # a local folder: its name
+    console.print(f"[bold]{escape(d['recipe'])}[/]: {escape(name)} · {d['method']} · {d['task']} · "
+                  f"{d['strategy']} on {d['nodes']}×{d['gpus_per_node']} {escape(g['name'] or '(no GPU)')}",
+                  highlight=False)
+    console.print(parameters_line(m), highlight=False)
+    parts = memory_lines(pd)
+    if detail or not parts:
+        _memory_detail(pd)
+    else:
+        t = Table(box=None, show_header=False, pad_edge=False, title="memory per GPU (GiB)", title_justify="left")
+        t.add_column("what")
+        t.add_column("GiB", justify="right")
+        shown = tenths([v for _, v in parts], pd["peak_bytes"])
+        for (name, _), v in zip(parts, shown):
+            t.add_row(f"  {name}", f"{v:.1f}")
+        t.add_row("  [bold]peak[/]", f"[bold]{sum(shown):.1f}[/]")
+        console.print(t)
+    if d["fits"] is None:
+        console.print(f"fits: [yellow]unknown[/], {escape(g['source'])} (name one: --set cluster.gpu=h100-sxm)",
+                      highlight=False)
+    elif d["fits"]:
+        console.print(f"[green]fits[/]: peak {gib1(pd['peak_bytes'])} of {gib1(g['usable_bytes'])} usable", highlight=False)
+    else:
+        console.print(f"[red]does not fit by {gib1(d['shortfall_bytes'])}[/]: peak {gib1(pd['peak_bytes'])} of "
+                      f"{gib1(g['usable_bytes'])} usable", highlight=False)
+        if d["suggestions"]:
+            console.print("changes that would make it fit:")
+            for s in d["suggestions"]:
+                sets = " ".join(f"--set {kv}" for kv in s["sets"])
+                console.print(f"  • {escape(s['change'])}: peak {gib1(s['peak_bytes'])}\n    [dim]{escape(sets)}[/]",
+                              highlight=False)
+    if d["cpu_bytes_per_node"]:
+        console.print(f"host RAM per node (offload): {gib1(d['cpu_bytes_per_node'])}")
+    steps = "unknown steps" if d["steps"] is None else f"{d['steps']:,} steps"
+    cost, price = d["cost_usd"], d["price_per_gpu_hour"]
+    if d["step_time_s"] is None:
+        console.print(f"time: unknown without a GPU ({steps})", highlight=False)
+    else:
+        console.print(f"time: {seconds(d['step_time_s'])} a step × {steps} = {seconds(d['total_time_s'])}", highlight=False)
+    if cost is not None:
+        console.print("cost: no price (set cluster.price_per_gpu_hour)" if not price else
+                      f"cost: {dollars(cost)} at ${price:g}/GPU-hour", highlight=False)
+    if detail:
+        c = Table(title="compute", title_justify="left", show_edge=False, show_header=False)
+        c.add_column("what")
+        c.add_column("value")
+        c.add_row("parameters", f"{m['params_total']:,} in the model + {m.get('params_adapter') or 0:,} adapter; "
+                                f"{m['params_trainable']:,} train")
+        c.add_row("tokens per optimizer step", f"{d['tokens_per_step']:,}")
+        c.add_row("FLOPs per step", flops(d["flops_per_step"]))
+        c.add_row("data", escape(f"{d['data']['source']}"))
+        c.add_row("MFU", escape(f"{d['assumptions']['mfu']:.2f} ({d['assumptions']['mfu_source']})"))
+        c.add_row("disk", f"{gib1(d['disk_bytes'])} (weights and the checkpoints kept)")
+        console.print(c)
+    else:
+        console.print("[dim]ftl estimate --detail: every memory line and phase, FLOPs, disk, data, MFU[/]")
+    if d.get("price_note") and cost is not None:
+        console.print(f"[yellow]{escape(d['price_note'])}[/]", soft_wrap=True)
+
+
+def _memory_detail(pd: dict[str, Any]) -> None:
+    """Every memory line: the components, their detail, each phase's allocation (the peak phase marked)."""
     t = Table(title="memory per device", title_justify="left", show_edge=False)
     t.add_column("what")
     t.add_column("bytes", justify="right")
@@ -64,46 +161,14 @@ def render_estimate(d: dict[str, Any]) -> None:
     for name, v in lines:
         t.add_row(name, f"{v:,}", gib(v))
     for name, v in pd["detail"].items():
-        t.add_row(f"  [dim]{name}[/]", f"[dim]{v:,}[/]", f"[dim]{gib(v)}[/]")
+        t.add_row(f"  [dim]{escape(name)}[/]", f"[dim]{v:,}[/]", f"[dim]{gib(v)}[/]")
     for name, v in pd["phases"].items():
         mark = " ← peak" if name == pd["peak_phase"] else ""
         t.add_row(f"phase: {name}{mark}", f"{v:,}", gib(v))
     t.add_row("overhead (context, allocator, buffers)", f"{pd['overhead_bytes']:,}", gib(pd["overhead_bytes"]))
-    t.add_row("[bold]peak[/]", f"[bold]{pd['peak_bytes']:,}[/]", f"[bold]{gib(pd['peak_bytes'])}[/]")
+    t.add_row("[bold]peak[/] (the peak phase + overhead)", f"[bold]{pd['peak_bytes']:,}[/]",
+              f"[bold]{gib(pd['peak_bytes'])}[/]")
     console.print(t)
-
-    g = d["gpu"]
-    if d["fits"] is None:
-        console.print(f"GPU: {g['source']}; fits: [yellow]unknown[/] (name a GPU with --set cluster.gpu=h100-sxm)")
-    elif d["fits"]:
-        console.print(f"[green]fits[/]: peak {gib(pd['peak_bytes'])} of {gib(g['usable_bytes'])} usable on {g['name']}")
-    else:
-        console.print(f"[red]does not fit by {gib(d['shortfall_bytes'])}[/]: peak {gib(pd['peak_bytes'])} of "
-                      f"{gib(g['usable_bytes'])} usable on {g['name']}")
-        if d["suggestions"]:
-            console.print("changes that would make it fit:")
-            for s in d["suggestions"]:
-                sets = " ".join(f"--set {kv}" for kv in s["sets"])
-                console.print(f"  • {s['change']}: peak {gib(s['peak_bytes'])}  [dim]{sets}[/]")
-    if d["cpu_bytes_per_node"]:
-        console.print(f"host RAM per node (offload): {gib(d['cpu_bytes_per_node'])}")
-    console.print(f"disk: {gib(d['disk_bytes'])} (weights and the checkpoints kept)")
-
-    c = Table(title="compute", title_justify="left", show_edge=False, show_header=False)
-    c.add_column("what")
-    c.add_column("value", justify="right")
-    c.add_row("tokens per optimizer step", f"{d['tokens_per_step']:,}")
-    c.add_row("FLOPs per step", _sci(d["flops_per_step"]))
-    c.add_row("step time", duration(d["step_time_s"]))
-    c.add_row("optimizer steps", "unknown" if d["steps"] is None else f"{d['steps']:,}")
-    c.add_row("total time", duration(d["total_time_s"]))
-    cost = d["cost_usd"]
-    c.add_row("cost", "unknown" if cost is None else f"${cost:,.2f} at ${d['price_per_gpu_hour']:g}/GPU-hour")
-    c.add_row("data", f"{d['data']['source']}")
-    c.add_row("MFU", f"{d['assumptions']['mfu']:.2f} ({d['assumptions']['mfu_source']})")
-    console.print(c)
-    if d.get("price_note") and cost is not None:
-        console.print(f"[yellow]{escape(d['price_note'])}[/]", soft_wrap=True)
 
 
 def render_env(d: dict[str, Any]) -> None:

@@ -35,53 +35,43 @@ def _clean(v: Any) -> Any:
     return v
 
 
+# the log line's keys, in this order (everything else is in metrics.jsonl); eval_* metrics are added after them
+LINE_KEYS = ("loss", "eval_loss", "learning_rate", "grad_norm")
+SHORT = {"learning_rate": "lr"}
+
+
+def log_line(step: int, max_steps: int, epoch: float | None, logs: dict[str, Any]) -> str:
+    """One compact line per log event (fits 80 columns): step/total, epoch, loss, eval metrics, lr, grad norm."""
+    parts = [f"step {step}/{max_steps}"]
+    if isinstance(epoch, (int, float)):
+        parts.append(f"epoch {epoch:.2f}")
+    keys = [k for k in LINE_KEYS if k in logs] + sorted(k for k in logs if k.startswith("eval_") and k not in LINE_KEYS
+                                                        and not k.endswith(("_runtime", "_per_second", "_entropy", "num_tokens")))
+    for k in keys:
+        v = logs[k]
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            parts.append(f"{SHORT.get(k, k)} {v:.4g}")
+    if "train_runtime" in logs:
+        parts.append(f"train_loss {logs.get('train_loss', float('nan')):.4g}  runtime {logs['train_runtime']:.1f} s")
+    return "  ".join(parts)
+
+
 class MetricsFile(TrainerCallback):
-    """One JSON object per log/eval event in RUN_DIR/metrics.jsonl (main process), plus a log line or progress bar."""
+    """One JSON object per log/eval event in RUN_DIR/metrics.jsonl (main process, with max_steps), plus a
+    compact log line. The live view (bar, ETA) is drawn by the launcher from metrics.jsonl, on every backend."""
 
-    def __init__(self, path: Path, progress: bool):
+    def __init__(self, path: Path):
         self.path = path
-        self.progress = progress and sys.stdout.isatty()
-        self._bar = None
-        self._task = None
-
-    def on_train_begin(self, args, state, control, **kw):
-        if state.is_world_process_zero and self.progress:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"))
-            self._bar.start()
-            self._task = self._bar.add_task("", total=state.max_steps, completed=state.global_step)
-
-    def on_step_end(self, args, state, control, **kw):
-        if self._bar is not None:
-            self._bar.update(self._task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        rec = {"time": round(time.time(), 3), "step": state.global_step, "epoch": _clean(state.epoch)}
+        rec = {"time": round(time.time(), 3), "step": state.global_step, "max_steps": state.max_steps,
+               "epoch": _clean(state.epoch)}
         rec.update({k: _clean(v) for k, v in logs.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        parts = [f"step {state.global_step}/{state.max_steps}"]
-        for k, v in logs.items():
-            if isinstance(v, float):
-                parts.append(f"{k} {v:.4g}")
-            elif isinstance(v, int):
-                parts.append(f"{k} {v}")
-        line = "  ".join(parts)
-        if self._bar is not None:
-            self._bar.console.print(line, highlight=False)
-            if "loss" in logs:
-                self._bar.update(self._task, description=f"loss {logs['loss']:.4g}")
-        else:
-            print(line, flush=True)
-
-    def on_train_end(self, args, state, control, **kw):
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        print(log_line(state.global_step, state.max_steps, state.epoch, logs), flush=True)
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -394,6 +394,10 @@ def _losses(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
     return (losses[0], losses[-1]) if losses else (None, None)
 
 
+def _sig4(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"
+
+
 def _complete_checkpoints(run_dir: Path) -> list[str]:
     return [str(p) for _, p, complete in checkpoints(run_dir / "checkpoints") if complete]
 
@@ -581,7 +585,7 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
         cb.truncate_metrics(metrics_path, _checkpoint_step(resume))
     stopper = cb.StopAndSave(targs.device)
     shards = cb.ShardReport(run_dir, strategy, world)
-    callbacks = [cb.MetricsFile(metrics_path, progress=True), cb.CompleteMarker(), stopper, shards]
+    callbacks = [cb.MetricsFile(metrics_path), cb.CompleteMarker(), stopper, shards]
     if recipe.train.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -618,8 +622,9 @@ def setup(recipe: Recipe, plan: dict[str, Any], run_dir: Path, resume_from: str 
         if n:
             log.info("%s: %d trainable parameters back to %s (TRL had cast them)", recipe.method, n, M.trained_dtype(recipe))
     counts = M.count_params(trainer.model)
-    log.info("%s %s on %s: %s world %d (%s); %d of %d parameters train", recipe.method, recipe.task, device, strategy,
-             world, dtype, counts["trainable"], counts["total"])
+    log.info("%s %s on %s: %s world %d (%s); %s of %s parameters train%s", recipe.method, recipe.task, device, strategy,
+             world, dtype, f"{counts['trainable']:,}", f"{counts['total']:,}",
+             " (the total counts the LoRA adapters, as ftl estimate does)" if recipe.method in ("lora", "qlora") else "")
     return Session(recipe=recipe, plan=plan, run_dir=run_dir, trainer=trainer, tokenizer=tokenizer, train_ds=train_ds,
                    eval_ds=eval_ds, kind=kind, state=state, stopper=stopper, load_path=load_path, resume=resume,
                    data_path=report.path, distributed_type=dtype, counts=counts, data_counts=counts_data)
@@ -684,5 +689,5 @@ def run_training(sess: Session, started: float | None = None) -> dict[str, Any]:
         log.warning("stopped at step %d (%s); continue with: ftl launch --resume %s", st.global_step,
                     f"checkpoint {Path(last).name}" if last else "no complete checkpoint yet", run_dir.name)
     else:
-        log.info("done: step %d, loss %s -> %s, output in %s", st.global_step, first, final, out_dir)
+        log.info("done: step %d, loss %s -> %s, output in %s", st.global_step, _sig4(first), _sig4(final), out_dir)
     return res
