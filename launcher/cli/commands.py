@@ -761,7 +761,7 @@ def chat(
     try:
         r = _find(run)
         Chat = _train_helper("generate", "Chat")
-        with err_console.status("loading the trained model"):
+        with err_console.status("loading the trained model"), libraries_to(r.dir / "logs" / "chat.log"):
             session = Chat(r.dir)
     except FtlError as e:
         fail(e)
