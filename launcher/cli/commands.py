@@ -382,7 +382,7 @@ def launch(
         sig = getattr(handle, "stop_signal", None)
         err_console.print(f"[yellow]run {run.id} stopped[/]" + (f" ({signal_words(sig)})" if sig else "") + "; "
                           + (f"continue it with: ftl launch --resume {run.id}" if ckpt else "it left no complete checkpoint"),
-                          highlight=False)
+                          highlight=False, soft_wrap=True)  # a command to copy: never folded mid-line
         raise typer.Exit(128 + int(sig or 15))
     why = st.get("error") or f"exit code {st.get('returncode')}; log: {run.log_path}"
     fail(FtlError(f"run {run.id} failed: {why}"))
