@@ -239,18 +239,16 @@ def import_axolotl(config: dict[str, Any], config_dir: Path, out_dir: Path, name
         else:
             left.append(f"warmup_steps {steps}: ftl takes train.warmup_ratio (a fraction of the steps), and the "
                         "number of steps is not in the config; set it by hand")
-    opt = take("optimizer", None)
-    if opt is not None:
-        if opt in OPTIMIZERS:
-            t["optimizer"] = OPTIMIZERS[opt]
+    for key, field_, table, why in (
+            ("optimizer", "optimizer", OPTIMIZERS, f"ftl trains with {', '.join(sorted(set(OPTIMIZERS.values())))}; kept adamw"),
+            ("lr_scheduler", "lr_scheduler", SCHEDULERS, "ftl has cosine, linear and constant; kept cosine")):
+        value = take(key, None)
+        if value is None:
+            continue
+        if value in table:
+            t[field_] = table[value]
         else:
-            left.append(f"optimizer = {opt!r}: ftl trains with {', '.join(sorted(set(OPTIMIZERS.values())))}; kept adamw")
-    sched = take("lr_scheduler", None)
-    if sched is not None:
-        if sched in SCHEDULERS:
-            t["lr_scheduler"] = SCHEDULERS[sched]
-        else:
-            left.append(f"lr_scheduler = {sched!r}: ftl has cosine, linear and constant; kept cosine")
+            left.append(f"{key} = {value!r}: {why}")
     bf16, fp16, pure = take("bf16", None), take("fp16", None), take("bfloat16", None)
     if pure:
         t["precision"] = "bf16-pure"
